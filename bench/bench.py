@@ -1,0 +1,924 @@
+#!/usr/bin/env python3
+"""EzProxy benchmark: ezproxy against direct, socat, haproxy and nginx (stream) on loopback.
+
+One run measures every configuration side by side, interleaved within each round, and
+reports medians over rounds of the absolute values and of the per-round ratios
+ezproxy/direct and ezproxy/best-peer. See bench/README.md.
+
+Standard library only (Python 3.11). Only 127.0.0.1 is ever used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import select
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+CONFIGS = ["direct", "socat", "haproxy", "nginx", "ezproxy"]
+PEERS = ["socat", "haproxy", "nginx"]
+
+# metric groups (what --only selects) -> rows they produce
+GROUPS = {
+    "bulk": ["bulk1_gbps", "bulk8_gbps"],
+    "rr_tcp": ["rr_tcp_p50_us", "rr_tcp_p99_us"],
+    "rr_udp": ["rr_udp_p50_us", "rr_udp_p99_us"],
+    "udprate": ["udp_pps"],
+    "cps": ["cps"],
+    "memory": ["rss_idle_kib", "kib_per_session"],
+}
+GROUP_ORDER = ["bulk", "rr_tcp", "rr_udp", "udprate", "cps", "memory"]
+ALIASES = {
+    "bulk1": "bulk", "bulk8": "bulk", "throughput": "bulk",
+    "rr": ["rr_tcp", "rr_udp"], "tcp_rr": "rr_tcp", "udp_rr": "rr_udp",
+    "udp": "udprate", "udp_rate": "udprate", "pps": "udprate",
+    "connrate": "cps", "conn": "cps",
+    "rss": "memory", "idle": "memory", "mem": "memory",
+}
+
+# row -> (label, better, target kind, target value)
+#   better: "high" or "low"; kind: "ratio" (ezproxy / best peer) or "abs" (ezproxy value)
+ROWS = {
+    "bulk1_gbps": ("TCP bulk 1 stream, Gbit/s", "high", "ratio", 1.0),
+    "bulk8_gbps": ("TCP bulk 8 streams, Gbit/s", "high", "ratio", 1.0),
+    "rr_tcp_p50_us": ("TCP 64B rr p50, us", "low", "ratio", 1.0),
+    "rr_tcp_p99_us": ("TCP 64B rr p99, us", "low", "ratio", 1.0),
+    "rr_udp_p50_us": ("UDP 64B rr p50, us", "low", "ratio", 1.0),
+    "rr_udp_p99_us": ("UDP 64B rr p99, us", "low", "ratio", 1.0),
+    "udp_pps": ("UDP rate at 0 loss, pkt/s", "high", "ratio", 1.5),
+    "cps": ("TCP connections/s", "high", "ratio", 1.0),
+    "rss_idle_kib": ("RSS idle, KiB", "low", "abs", 10 * 1024),
+    "kib_per_session": ("KiB per idle TCP session", "low", "abs", 16),
+}
+
+VERBOSE = False
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def vlog(*a):
+    if VERBOSE:
+        log(*a)
+
+
+class BenchError(Exception):
+    pass
+
+
+class NotApplicable(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- processes
+
+class Procs:
+    """Every process this script starts. Each one leads its own process group, so
+    stopping it (by its PID) also stops what it forked (socat children, nginx workers)."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.live: list[subprocess.Popen] = []
+        self.n = 0
+
+    def start(self, cmd: list[str], name: str, pin: int | None = None,
+              stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+        self.n += 1
+        errpath = self.logdir / f"{self.n:03d}-{name}.log"
+        err = open(errpath, "wb")
+        preexec = (lambda: os.sched_setaffinity(0, {pin})) if pin is not None else None
+        vlog(f"  start {name}: {' '.join(shlex.quote(c) for c in cmd)}"
+             + (f" (pinned to cpu {pin})" if pin is not None else ""))
+        try:
+            p = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=err,
+                                 start_new_session=True, preexec_fn=preexec, close_fds=True)
+        finally:
+            err.close()
+        p.bench_name = name  # type: ignore[attr-defined]
+        p.bench_log = errpath  # type: ignore[attr-defined]
+        self.live.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, grace: float = 3.0):
+        if p.stdin:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        self._signal(p, signal.SIGTERM)
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self._signal(p, signal.SIGKILL)
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                log(f"warning: pid {p.pid} did not exit after SIGKILL")
+        # the leader is gone; make sure no forked child of it survives
+        self._signal(p, signal.SIGKILL)
+        if p.stdout:
+            try:
+                p.stdout.close()
+            except OSError:
+                pass
+        if p in self.live:
+            self.live.remove(p)
+
+    @staticmethod
+    def _signal(p: subprocess.Popen, sig):
+        try:
+            os.killpg(p.pid, sig)  # the group this script created for that PID
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop_all(self):
+        for p in list(reversed(self.live)):
+            self.stop(p, grace=2.0)
+
+
+def read_line(p: subprocess.Popen, timeout: float) -> str:
+    """Read one line from p.stdout with a deadline."""
+    fd = p.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError(f"{p.bench_name}: no output within {timeout:.0f}s")
+        r, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise BenchError(f"{p.bench_name}: exited early: {tail(p.bench_log)}")
+            buf += chunk
+        elif p.poll() is not None:
+            raise BenchError(f"{p.bench_name}: exited ({p.returncode}): {tail(p.bench_log)}")
+    return buf.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def tail(path: Path, n: int = 400) -> str:
+    try:
+        data = path.read_bytes()[-n:].decode(errors="replace").strip()
+        return data.replace("\n", " | ") or "(no stderr)"
+    except OSError:
+        return "(no log)"
+
+
+def free_port(kind: int) -> int:
+    s = socket.socket(socket.AF_INET, kind)
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def tcp_ready(port: int, p_list: list[subprocess.Popen], timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in p_list:
+            if p.poll() is not None:
+                raise BenchError(f"{p.bench_name} exited ({p.returncode}): {tail(p.bench_log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"nothing listening on tcp {port} after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def udp_ready(port: int, p_list: list[subprocess.Popen], timeout: float = 10.0):
+    """Send a probe datagram through the proxy to the echo server until it comes back."""
+    deadline = time.monotonic() + timeout
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.2)
+    try:
+        while True:
+            for p in p_list:
+                if p.poll() is not None:
+                    raise BenchError(f"{p.bench_name} exited ({p.returncode}): {tail(p.bench_log)}")
+            try:
+                s.sendto(b"ready?" + b"\0" * 58, ("127.0.0.1", port))
+                s.recvfrom(2048)
+                return
+            except OSError:  # timeout or ICMP port unreachable
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"no udp echo through port {port} after {timeout:.0f}s")
+    finally:
+        s.close()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for {pid}")
+
+
+def tree_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+            ppid = int(st[st.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_rss_kib(root: int) -> int:
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            total += rss_kib(pid)
+        except (OSError, BenchError):
+            pass
+    return total
+
+
+# --------------------------------------------------------------------------- setup
+
+def which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+
+
+_apt_updated = False
+
+
+def apt_candidate(pkg: str) -> bool:
+    try:
+        out = subprocess.run(["apt-cache", "policy", pkg], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Candidate:"):
+            return line.split(":", 1)[1].strip() not in ("", "(none)")
+    return False
+
+
+def apt_install(pkgs: list[str]) -> bool:
+    global _apt_updated
+    if os.geteuid() != 0 or not which("apt-get"):
+        log(f"  cannot install {' '.join(pkgs)}: not root or no apt-get")
+        return False
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if not all(apt_candidate(p) for p in pkgs) and not _apt_updated:
+        log("  apt-get update")
+        subprocess.run(["apt-get", "update"], env=env, timeout=600,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _apt_updated = True
+    pkgs = [p for p in pkgs if apt_candidate(p)]
+    if not pkgs:
+        return False
+    log(f"  apt-get install -y {' '.join(pkgs)}")
+    r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *pkgs], env=env,
+                       timeout=900, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        log(f"  apt-get failed: {r.stderr.strip()[-300:]}")
+    return r.returncode == 0
+
+
+NGINX_MODULE_DIRS = ["/usr/lib/nginx/modules", "/usr/share/nginx/modules",
+                     "/usr/lib64/nginx/modules", "/etc/nginx/modules"]
+
+
+def nginx_stream_prefix(nginx: str, tmp: Path) -> str | None:
+    """Return the config prefix ('' or a load_module line) that makes `stream {}` work."""
+    candidates = [""]
+    for d in NGINX_MODULE_DIRS:
+        so = Path(d) / "ngx_stream_module.so"
+        if so.exists():
+            candidates.append(f"load_module {so};\n")
+    for i, pre in enumerate(candidates):
+        conf = tmp / f"nginx-test-{i}.conf"
+        conf.write_text(pre + f"pid {tmp}/nginx-test.pid;\nevents {{}}\n"
+                        "stream { server { listen 127.0.0.1:1; proxy_pass 127.0.0.1:2; } }\n")
+        try:
+            r = subprocess.run([nginx, "-t", "-q", "-p", str(tmp), "-e", "stderr", "-c", str(conf)],
+                               capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if r.returncode == 0:
+            return pre
+    return None
+
+
+def ensure_peers(tmp: Path, install: bool) -> dict:
+    found: dict = {}
+    if not which("socat") and install:
+        apt_install(["socat"])
+    if not which("haproxy") and install:
+        apt_install(["haproxy"])
+    if not which("nginx") and install:
+        apt_install(["nginx-light", "libnginx-mod-stream"])
+    found["socat"] = which("socat")
+    found["haproxy"] = which("haproxy")
+    ng = which("nginx")
+    pre = nginx_stream_prefix(ng, tmp) if ng else None
+    if ng and pre is None and install:
+        apt_install(["libnginx-mod-stream"])
+        pre = nginx_stream_prefix(ng, tmp)
+        if pre is None:
+            apt_install(["nginx", "libnginx-mod-stream"])
+            ng = which("nginx")
+            pre = nginx_stream_prefix(ng, tmp) if ng else None
+    found["nginx"] = ng if pre is not None else None
+    found["nginx_prefix"] = pre or ""
+    return found
+
+
+def build_load_tool(tmp: Path, force_compile: bool) -> Path:
+    src = HERE / "ezp-load.c"
+    for cand in (ROOT / "build" / "bench" / "ezp-load", Path.cwd() / "build" / "bench" / "ezp-load"):
+        if not force_compile and cand.is_file() and os.access(cand, os.X_OK) \
+                and cand.stat().st_mtime >= src.stat().st_mtime:
+            return cand
+    cc = os.environ.get("CC") or which("gcc") or which("cc")
+    if not cc:
+        raise BenchError("no C compiler (gcc) found and no build/bench/ezp-load")
+    out = tmp / "ezp-load"
+    r = subprocess.run([cc, "-O2", "-std=gnu11", "-pthread", "-o", str(out), str(src)],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise BenchError(f"compiling ezp-load.c failed:\n{r.stderr}")
+    return out
+
+
+def tool_version(cmd: list[str]) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (r.stdout + r.stderr).strip().splitlines()[0][:120]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return "?"
+
+
+# --------------------------------------------------------------------------- configurations
+
+class Bench:
+    def __init__(self, args, tmp: Path, procs: Procs, load: Path, peers: dict):
+        self.a = args
+        self.tmp = tmp
+        self.procs = procs
+        self.load = load
+        self.peers = peers
+        self.pin = args.pin_cpu
+        self.backends: dict[str, int] = {}
+        self.cfgn = 0
+        q = args.quick
+        self.bulk_s = args.bulk_seconds or (1.0 if q else 3.0)
+        self.cps_s = args.cps_seconds or (1.0 if q else 3.0)
+        self.rr_count = args.rr_count or (5000 if q else 20000)
+        self.udp_trial_s = args.udp_trial_seconds or (0.4 if q else 1.0)
+        self.udp_trials = 7 if q else 10
+        self.udp_retries = args.udp_retries if args.udp_retries is not None else (0 if q else 1)
+        self.idle_n = args.idle_sessions
+
+    # ---- backends ------------------------------------------------------------------
+    def start_backends(self):
+        """Unpinned sink/echo for throughput, pinned echo servers for round trips."""
+        def srv(name, sub, proto, port, pin=None):
+            p = self.procs.start([str(self.load), sub, f"--{proto}", str(port)], name, pin=pin,
+                                 stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+            line = read_line(p, 10)
+            return json.loads(line)["port"]
+
+        self.backends["sink"] = srv("sink", "sink", "tcp", 0)
+        self.backends["echo_tcp"] = srv("echo-tcp", "echo", "tcp", 0)
+        self.backends["echo_udp"] = srv("echo-udp", "echo", "udp", 0)
+        self.backends["echo_tcp_pinned"] = srv("echo-tcp-pinned", "echo", "tcp", 0, self.pin)
+        self.backends["echo_udp_pinned"] = srv("echo-udp-pinned", "echo", "udp", 0, self.pin)
+        vlog(f"  backends: {self.backends}")
+
+    # ---- proxies ---------------------------------------------------------------------
+    def available(self, cfg: str) -> str | None:
+        """None if usable, else the reason it is not."""
+        if cfg == "direct":
+            return None
+        if cfg == "ezproxy":
+            if self.a.ezproxy_stub or self.a.ezproxy_cmd:
+                return None
+            return None if self.ezproxy_bin() else f"no binary at {self.a.ezproxy}"
+        return None if self.peers.get(cfg) else f"{cfg} not installed"
+
+    def ezproxy_bin(self) -> str | None:
+        p = Path(self.a.ezproxy)
+        for cand in ([p] if p.is_absolute() else [Path.cwd() / p, ROOT / p]):
+            if cand.is_file() and os.access(cand, os.X_OK):
+                return str(cand)
+        return None
+
+    def socat_cmds(self, net: str, lport: int, tport: int) -> list[list[str]]:
+        s = self.peers.get("socat") or "socat"
+        if net == "tcp":
+            return [[s, "-b", "65536",
+                     f"TCP-LISTEN:{lport},bind=127.0.0.1,fork,reuseaddr,backlog=4096,nodelay",
+                     f"TCP:127.0.0.1:{tport},nodelay"]]
+        return [[s, "-b", "65536", "-T", "60",
+                 f"UDP-LISTEN:{lport},bind=127.0.0.1,fork,reuseaddr",
+                 f"UDP:127.0.0.1:{tport}"]]
+
+    def start_proxy(self, cfg: str, net: str, target: int, pinned: bool) -> tuple[int, list]:
+        """Start `cfg` forwarding 127.0.0.1:<new port> -> 127.0.0.1:target on `net`.
+        Returns (listen port, processes). direct returns the target itself."""
+        if cfg == "direct":
+            return target, []
+        if cfg == "haproxy" and net == "udp":
+            raise NotApplicable("haproxy has no UDP")
+        why = self.available(cfg)
+        if why:
+            raise NotApplicable(why)
+        self.cfgn += 1
+        lport = free_port(socket.SOCK_STREAM if net == "tcp" else socket.SOCK_DGRAM)
+        pin = self.pin if pinned else None
+        name = f"{cfg}-{net}-{self.cfgn}"
+        cmds: list[list[str]] = []
+        if cfg == "socat":
+            cmds = self.socat_cmds(net, lport, target)
+        elif cfg == "haproxy":
+            conf = self.tmp / f"{name}.cfg"
+            conf.write_text(f"""global
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend f
+    bind 127.0.0.1:{lport}
+    default_backend b
+backend b
+    server s1 127.0.0.1:{target}
+""")
+            cmds = [[self.peers["haproxy"], "-f", str(conf), "-db"]]
+        elif cfg == "nginx":
+            pdir = self.tmp / name
+            pdir.mkdir()
+            listen = f"127.0.0.1:{lport}" + (" udp reuseport" if net == "udp" else "")
+            extra = "proxy_timeout 60s;" if net == "udp" else ""
+            conf = pdir / "nginx.conf"
+            conf.write_text(self.peers.get("nginx_prefix", "") + f"""worker_processes {1 if pinned else "auto"};
+worker_rlimit_nofile 16384;
+pid {pdir}/nginx.pid;
+error_log {pdir}/error.log warn;
+events {{ worker_connections 8192; }}
+stream {{
+    server {{
+        listen {listen};
+        proxy_pass 127.0.0.1:{target};
+        {extra}
+    }}
+}}
+""")
+            cmds = [[self.peers["nginx"], "-p", str(pdir), "-e", f"{pdir}/error.log", "-c", str(conf),
+                     "-g", "daemon off;"]]
+        elif cfg == "ezproxy":
+            if self.a.ezproxy_stub == "socat":
+                cmds = self.socat_cmds(net, lport, target)
+            else:
+                tmpl = self.a.ezproxy_cmd or "{bin} run --listen {listen} --server {server} --network {network}"
+                cmds = [[c.format(bin=self.ezproxy_bin() or self.a.ezproxy, listen=f"127.0.0.1:{lport}",
+                                  server=f"127.0.0.1:{target}", network=net, port=lport, target=target)
+                         for c in shlex.split(tmpl)]]
+        ps = [self.procs.start(c, name, pin=pin) for c in cmds]
+        try:
+            if net == "tcp":
+                tcp_ready(lport, ps)
+            else:
+                udp_ready(lport, ps)
+        except BaseException:
+            for p in ps:
+                self.procs.stop(p)
+            raise
+        return lport, ps
+
+    def stop_proxy(self, ps):
+        for p in ps:
+            self.procs.stop(p)
+
+    # ---- load runs -------------------------------------------------------------------
+    def run_load(self, args: list[str], timeout: float, pin: int | None = None) -> dict:
+        cmd = [str(self.load), *args]
+        preexec = (lambda: os.sched_setaffinity(0, {pin})) if pin is not None else None
+        vlog(f"    $ {' '.join(cmd)}" + (f"  (cpu {pin})" if pin is not None else ""))
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                               preexec_fn=preexec, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"ezp-load {args[0]} timed out after {timeout:.0f}s")
+        lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+        if not lines:
+            raise BenchError(f"ezp-load {args[0]} printed nothing (rc {r.returncode}): {r.stderr.strip()[-300:]}")
+        res = json.loads(lines[-1])
+        if "error" in res:
+            raise BenchError(f"ezp-load {args[0]}: {res['error']}")
+        vlog(f"      {lines[-1]}")
+        return res
+
+    def m_bulk(self, cfg: str) -> dict:
+        port, ps = self.start_proxy(cfg, "tcp", self.backends["sink"], pinned=False)
+        try:
+            out = {}
+            for n in (1, 8):
+                r = self.run_load(["bulk", "--connect", f"127.0.0.1:{port}", "--streams", str(n),
+                                   "--seconds", str(self.bulk_s)], timeout=self.bulk_s + 20)
+                out[f"bulk{n}_gbps"] = r["gbps"]
+            return out
+        finally:
+            self.stop_proxy(ps)
+
+    def m_rr(self, cfg: str, net: str) -> dict:
+        port, ps = self.start_proxy(cfg, net, self.backends[f"echo_{net}_pinned"], pinned=True)
+        try:
+            maxs = 60 if self.a.quick else 180
+            r = self.run_load(["rr", f"--{net}", "--connect", f"127.0.0.1:{port}", "--count",
+                               str(self.rr_count), "--size", "64", "--max-seconds", str(maxs)],
+                              timeout=maxs + 20, pin=self.pin)
+            return {f"rr_{net}_p50_us": r["p50_us"], f"rr_{net}_p99_us": r["p99_us"],
+                    f"_rr_{net}_lost": r.get("lost", 0)}
+        finally:
+            self.stop_proxy(ps)
+
+    def m_udprate(self, cfg: str) -> dict:
+        port, ps = self.start_proxy(cfg, "udp", self.backends["echo_udp"], pinned=False)
+        try:
+            lo, hi = 0.0, None
+            best, trials = 0.0, []
+            rate = float(self.a.udp_start_rate)
+            for _ in range(self.udp_trials):
+                # a failed trial is repeated up to --udp-retries times (a single
+                # scheduling hiccup on a 2-CPU machine drops packets at any rate)
+                for attempt in range(1 + self.udp_retries):
+                    r = self.run_load(["udprate", "--connect", f"127.0.0.1:{port}", "--rate", f"{rate:.0f}",
+                                       "--seconds", str(self.udp_trial_s), "--size", "64"],
+                                      timeout=self.udp_trial_s + 20)
+                    # zero loss, and the generator really sent at that rate
+                    ok = r["loss"] <= 0.0 and r["errors"] == 0 and r["rate_sent"] >= 0.97 * rate
+                    trials.append({"rate": round(rate), "ok": ok, "loss": r["loss"],
+                                   "sent_pps": r["rate_sent"], "attempt": attempt + 1})
+                    if ok:
+                        break
+                if ok:
+                    lo = rate
+                    best = max(best, r["rate_sent"])
+                else:
+                    hi = rate
+                if hi is None:
+                    rate = lo * 2
+                    if rate > self.a.udp_max_rate:
+                        break
+                elif lo == 0:
+                    rate = hi / 2
+                    if rate < 1000:
+                        break
+                else:
+                    if hi / lo < 1.08:
+                        break
+                    rate = math.sqrt(lo * hi)
+            return {"udp_pps": round(best), "_udp_trials": trials}
+        finally:
+            self.stop_proxy(ps)
+
+    def m_cps(self, cfg: str) -> dict:
+        port, ps = self.start_proxy(cfg, "tcp", self.backends["echo_tcp"], pinned=False)
+        try:
+            r = self.run_load(["connrate", "--connect", f"127.0.0.1:{port}", "--seconds", str(self.cps_s),
+                               "--concurrency", str(self.a.cps_concurrency)], timeout=self.cps_s + 30)
+            return {"cps": r["cps"], "_cps_errors": r["errors"]}
+        finally:
+            self.stop_proxy(ps)
+
+    def m_memory(self, cfg: str) -> dict:
+        if cfg == "direct":
+            raise NotApplicable("no proxy process")
+        port, ps = self.start_proxy(cfg, "tcp", self.backends["echo_tcp"], pinned=False)
+        idle = None
+        try:
+            time.sleep(0.5)
+            root = ps[0].pid
+            rss0 = tree_rss_kib(root)
+            idle = self.procs.start([str(self.load), "idle", "--connect", f"127.0.0.1:{port}",
+                                     "--count", str(self.idle_n), "--max-seconds", "300"], "idle",
+                                    stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+            res = json.loads(read_line(idle, 120))
+            if "error" in res:
+                raise BenchError(f"idle: {res['error']}")
+            opened = res["open"]
+            if opened <= 0:
+                raise BenchError("idle: no connection opened")
+            time.sleep(1.0)
+            rss1 = tree_rss_kib(root)
+            nproc = len(tree_pids(root))
+            return {"rss_idle_kib": rss0, "kib_per_session": round((rss1 - rss0) / opened, 2),
+                    "_rss_sessions_kib": rss1, "_sessions_open": opened, "_procs": nproc}
+        finally:
+            if idle is not None:
+                self.procs.stop(idle, grace=10)
+            self.stop_proxy(ps)
+
+    def run_group(self, group: str, cfg: str) -> dict:
+        if group == "bulk":
+            return self.m_bulk(cfg)
+        if group == "rr_tcp":
+            return self.m_rr(cfg, "tcp")
+        if group == "rr_udp":
+            return self.m_rr(cfg, "udp")
+        if group == "udprate":
+            return self.m_udprate(cfg)
+        if group == "cps":
+            return self.m_cps(cfg)
+        if group == "memory":
+            return self.m_memory(cfg)
+        raise ValueError(group)
+
+
+# --------------------------------------------------------------------------- summary
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def best_of(vals: dict, better: str):
+    vs = {c: v for c, v in vals.items() if c in PEERS and isinstance(v, (int, float)) and v > 0}
+    if not vs:
+        return None, None
+    c = (max if better == "high" else min)(vs, key=vs.get)
+    return c, vs[c]
+
+
+def summarize(rounds: list[dict], rows: list[str], configs: list[str]) -> dict:
+    summary = {}
+    for row in rows:
+        label, better, kind, target = ROWS[row]
+        vals = {c: median([r["results"].get(c, {}).get(row) for r in rounds]) for c in configs}
+        notes = {}
+        for c in configs:
+            if vals[c] is None:
+                reasons = {r["notes"].get(c, {}).get(row) for r in rounds} - {None}
+                if reasons:
+                    notes[c] = sorted(reasons)[0]
+        r_direct, r_best, bests = [], [], []
+        for r in rounds:
+            res = r["results"]
+            e = res.get("ezproxy", {}).get(row)
+            d = res.get("direct", {}).get(row)
+            bc, bv = best_of({c: res.get(c, {}).get(row) for c in configs}, better)
+            bests.append(bc)
+            if isinstance(e, (int, float)) and isinstance(d, (int, float)) and d > 0:
+                r_direct.append(e / d)
+            if isinstance(e, (int, float)) and bv:
+                r_best.append(e / bv)
+        ezd, ezb = median(r_direct), median(r_best)
+        e = vals.get("ezproxy")
+        if kind == "ratio":
+            met = None if ezb is None else (ezb >= target if better == "high" else ezb <= target)
+            tdesc = (f">= {target:g}x best peer" if better == "high" else f"<= {target:g}x best peer")
+        else:
+            met = None if e is None else e <= target
+            tdesc = f"<= {target:g}"
+        summary[row] = {"label": label, "better": better, "values": vals, "notes": notes,
+                        "ezp_over_direct": ezd, "ezp_over_best_peer": ezb,
+                        "best_peer_per_round": bests, "target": tdesc, "met": met}
+    return summary
+
+
+def fmt(v, row: str) -> str:
+    if v is None:
+        return "-"
+    if row.endswith("gbps"):
+        return f"{v:.2f}"
+    if row.endswith("_us"):
+        return f"{v:.1f}"
+    if row in ("udp_pps", "cps", "rss_idle_kib"):
+        return f"{v:,.0f}"
+    return f"{v:.1f}"
+
+
+def print_table(summary: dict, configs: list[str], out=sys.stdout):
+    head = ["metric", *configs, "ezp/direct", "ezp/best", "target", "met?"]
+    body = []
+    for row, s in summary.items():
+        cells = [s["label"]]
+        for c in configs:
+            v = s["values"].get(c)
+            cells.append(fmt(v, row) if v is not None else ("n/a" if c in s["notes"] else "-"))
+        cells.append(f"{s['ezp_over_direct']:.2f}" if s["ezp_over_direct"] is not None else "-")
+        cells.append(f"{s['ezp_over_best_peer']:.2f}" if s["ezp_over_best_peer"] is not None else "-")
+        cells.append(s["target"])
+        cells.append({True: "yes", False: "NO", None: "n/a"}[s["met"]])
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    def line(cells):
+        return "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
+    print(line(head), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for b in body:
+        print(line(b), file=out)
+    notes = {}
+    for s in summary.values():
+        for c, n in s["notes"].items():
+            notes.setdefault((c, n), None)
+    if notes:
+        print("\nn/a: " + "; ".join(f"{c}: {n}" for c, n in notes), file=out)
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 round, short durations (< 2 minutes)")
+    ap.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
+    ap.add_argument("--only", help="comma list of: " + ", ".join(GROUP_ORDER) + " (aliases: rr, bulk1, bulk8, ...)")
+    ap.add_argument("--configs", help="comma list of configurations (default: all of " + ", ".join(CONFIGS) + ")")
+    ap.add_argument("--ezproxy", default="build/ezproxy", help="ezproxy binary (default build/ezproxy)")
+    ap.add_argument("--ezproxy-cmd", help="command template for the ezproxy config; placeholders "
+                    "{bin} {listen} {server} {network} {port} {target}")
+    ap.add_argument("--ezproxy-stub", choices=["socat"], help="run socat as the 'ezproxy' configuration "
+                    "(to test this script before the daemon exists)")
+    ap.add_argument("--json", help="write results as JSON to this file")
+    ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for the pinned round-trip runs (default 0)")
+    ap.add_argument("--no-install", action="store_true", help="never apt-get install missing peers")
+    ap.add_argument("--compile", action="store_true", help="always compile ezp-load.c, ignore build/bench/ezp-load")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    ap.add_argument("--bulk-seconds", type=float)
+    ap.add_argument("--cps-seconds", type=float)
+    ap.add_argument("--cps-concurrency", type=int, default=8)
+    ap.add_argument("--rr-count", type=int)
+    ap.add_argument("--udp-trial-seconds", type=float)
+    ap.add_argument("--udp-retries", type=int, help="repeat a failed udp trial this often (default 1, 0 with --quick)")
+    ap.add_argument("--udp-start-rate", type=float, default=50000)
+    ap.add_argument("--udp-max-rate", type=float, default=4e6)
+    ap.add_argument("--idle-sessions", type=int, default=1000)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    if a.rounds is None:
+        a.rounds = 1 if a.quick else 3
+    groups = []
+    if a.only:
+        for tok in a.only.split(","):
+            tok = tok.strip().lower()
+            g = ALIASES.get(tok, tok)
+            for x in (g if isinstance(g, list) else [g]):
+                if x not in GROUPS:
+                    ap.error(f"unknown metric {tok!r}; known: {', '.join(GROUP_ORDER)}")
+                if x not in groups:
+                    groups.append(x)
+        groups.sort(key=GROUP_ORDER.index)
+    else:
+        groups = list(GROUP_ORDER)
+    a.groups = groups
+    if a.configs:
+        a.config_list = [c.strip() for c in a.configs.split(",") if c.strip()]
+        for c in a.config_list:
+            if c not in CONFIGS:
+                ap.error(f"unknown configuration {c!r}")
+        a.config_list = [c for c in CONFIGS if c in a.config_list]
+    else:
+        a.config_list = list(CONFIGS)
+    return a
+
+
+def main(argv=None) -> int:
+    global VERBOSE
+    a = parse_args(argv)
+    VERBOSE = a.verbose
+    t_start = time.monotonic()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    try:  # 1000 idle sessions need ~2000 descriptors in the proxy
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+    tmp = Path(tempfile.mkdtemp(prefix="ezp-bench-"))
+    procs = Procs(tmp)
+    rounds: list[dict] = []
+    rc = 0
+    failures = 0
+    try:
+        log(f"ezp-bench: temp dir {tmp}")
+        load = build_load_tool(tmp, a.compile)
+        log(f"ezp-bench: load tool {load}")
+        need = set(a.config_list) & set(PEERS)
+        peers = ensure_peers(tmp, install=not a.no_install) if need or a.ezproxy_stub else {}
+        b = Bench(a, tmp, procs, load, peers)
+        for c in a.config_list:
+            why = b.available(c)
+            if why:
+                log(f"ezp-bench: {c}: n/a ({why})")
+        if "ezproxy" in a.config_list and a.ezproxy_stub:
+            log(f"ezp-bench: NOTE: the 'ezproxy' column is a {a.ezproxy_stub} stub, not ezproxy")
+        b.start_backends()
+        rows = [r for g in a.groups for r in GROUPS[g]]
+        configs = a.config_list
+        for rnd in range(a.rounds):
+            k = rnd % len(configs)
+            order = configs[k:] + configs[:k]
+            log(f"ezp-bench: round {rnd + 1}/{a.rounds}: {' '.join(order)}")
+            rr = {"round": rnd + 1, "order": order, "results": {}, "notes": {}, "errors": {}}
+            for cfg in order:
+                res, notes = {}, {}
+                t0 = time.monotonic()
+                for g in a.groups:
+                    try:
+                        res.update(b.run_group(g, cfg))
+                    except NotApplicable as e:
+                        for row in GROUPS[g]:
+                            notes[row] = str(e)
+                    except BenchError as e:
+                        log(f"  {cfg} {g}: FAILED: {e}")
+                        rr["errors"].setdefault(cfg, {})[g] = str(e)
+                        failures += 1
+                        for row in GROUPS[g]:
+                            notes[row] = "failed"
+                rr["results"][cfg] = res
+                rr["notes"][cfg] = notes
+                brief = ", ".join(f"{k}={fmt(v, k)}" for k, v in res.items() if not k.startswith("_"))
+                log(f"  {cfg:8s} ({time.monotonic() - t0:4.1f}s) {brief}")
+            rounds.append(rr)
+        summary = summarize(rounds, rows, configs)
+        elapsed = time.monotonic() - t_start
+        print()
+        title = f"EzProxy benchmark: {a.rounds} round(s), medians over rounds, loopback, {os.cpu_count()} CPUs"
+        if a.ezproxy_stub:
+            title += f"  [ezproxy column = {a.ezproxy_stub} STUB]"
+        print(title)
+        print()
+        print_table(summary, configs)
+        print(f"\nround trips pinned to CPU {a.pin_cpu} (client, proxy, echo server); throughput unpinned. "
+              f"took {elapsed:.0f}s")
+        if a.json:
+            meta = {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(elapsed, 1),
+                "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                         "python": platform.python_version()},
+                "args": {k: v for k, v in vars(a).items()},
+                "load_tool": str(load),
+                "versions": {
+                    "socat": tool_version([peers["socat"], "-V"]) if peers.get("socat") else None,
+                    "haproxy": tool_version([peers["haproxy"], "-v"]) if peers.get("haproxy") else None,
+                    "nginx": tool_version([peers["nginx"], "-v"]) if peers.get("nginx") else None,
+                    "ezproxy": (f"stub:{a.ezproxy_stub}" if a.ezproxy_stub else b.ezproxy_bin()),
+                },
+                "durations": {"bulk_s": b.bulk_s, "cps_s": b.cps_s, "rr_count": b.rr_count,
+                              "udp_trial_s": b.udp_trial_s, "udp_trials_max": b.udp_trials,
+                              "idle_sessions": b.idle_n},
+            }
+            Path(a.json).write_text(json.dumps({"meta": meta, "rounds": rounds, "summary": summary},
+                                               indent=2, default=str) + "\n")
+            log(f"ezp-bench: wrote {a.json}")
+    except KeyboardInterrupt as e:
+        log(f"\nezp-bench: interrupted ({e}); stopping processes")
+        rc = 130
+    except BenchError as e:
+        log(f"ezp-bench: error: {e}")
+        rc = 1
+    finally:
+        procs.stop_all()
+        if a.keep_tmp or rc == 1 or failures:
+            log(f"ezp-bench: logs and configs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
