@@ -818,7 +818,9 @@ def main(argv=None) -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect nohup
+        signal.signal(signal.SIGHUP, on_term)
 
     try:  # 1000 idle sessions need ~2000 descriptors in the proxy
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -905,6 +907,9 @@ def main(argv=None) -> int:
             Path(a.json).write_text(json.dumps({"meta": meta, "rounds": rounds, "summary": summary},
                                                indent=2, default=str) + "\n")
             log(f"ezp-bench: wrote {a.json}")
+        if failures:
+            log(f"ezp-bench: {failures} measurement(s) failed (see FAILED lines above)")
+            rc = 3
     except KeyboardInterrupt as e:
         log(f"\nezp-bench: interrupted ({e}); stopping processes")
         rc = 130
@@ -913,7 +918,7 @@ def main(argv=None) -> int:
         rc = 1
     finally:
         procs.stop_all()
-        if a.keep_tmp or rc == 1 or failures:
+        if a.keep_tmp or rc in (1, 3):
             log(f"ezp-bench: logs and configs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)

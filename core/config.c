@@ -347,10 +347,20 @@ int ezp__limits_parse(struct ezp__pctx *c, yaml_node_t *node, const char *path,
 	return EZP_OK;
 }
 
+static const char *const pipe_keys[] = {"Name", "From", "Through", "To", "Shared", "Limits"};
+
+static int need_key(struct ezp__pctx *c, const struct ezp__pipeline_conf *p, yaml_node_t **vals,
+		    yaml_node_t **kn, int i, const char *path)
+{
+	if (!ezp__node_null(vals[i]))
+		return EZP_OK;
+	return ezp__perr(c, kn[i] ? EZP__LINE(kn[i]) : p->line, kn[i] ? EZP__COL(kn[i]) : p->column,
+			 "missing required key '%s' in %s", pipe_keys[i], path);
+}
+
 static int parse_pipeline(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *node,
 			  size_t index, struct ezp__pipeline_conf *p)
 {
-	static const char *const keys[] = {"Name", "From", "Through", "To", "Shared", "Limits"};
 	yaml_node_t *vals[6], *kn[6];
 	char path[EZP__PATH_MAX], sub[EZP__PATH_MAX + 32], show[80];
 	struct ezp__pval v;
@@ -363,14 +373,10 @@ static int parse_pipeline(struct ezp__pctx *c, struct ezp__config *cfg, yaml_nod
 	if (!node || node->type != YAML_MAPPING_NODE)
 		return ezp__perr(c, p->line, p->column, "%s: expected a map with Name, From "
 				 "and To, found %s", path, ezp__node_found(node));
-	if ((rc = ezp__map_keys(c, node, path, keys, 6, vals, kn)))
+	if ((rc = ezp__map_keys(c, node, path, pipe_keys, 6, vals, kn)))
 		return rc;
-	for (int i = 0; i < 4; i++) {
-		if (i != 2 && ezp__node_null(vals[i]))
-			return ezp__perr(c, kn[i] ? EZP__LINE(kn[i]) : p->line,
-					 kn[i] ? EZP__COL(kn[i]) : p->column,
-					 "missing required key '%s' in %s", keys[i], path);
-	}
+	if ((rc = need_key(c, p, vals, kn, 0, path)))
+		return rc;
 	v = ezp__pval_of(vals[0]);
 	snprintf(sub, sizeof(sub), "%s.Name", path);
 	if ((rc = ezp__conv_string(c, &v, sub, &p->name)))
@@ -380,7 +386,8 @@ static int parse_pipeline(struct ezp__pctx *c, struct ezp__config *cfg, yaml_nod
 				 "(use 1 to 64 of A-Z a-z 0-9 _ . -)", sub,
 				 ezp__show(show, sizeof(show), v.text, v.len));
 	snprintf(sub, sizeof(sub), "%s.From", path);
-	if ((rc = ezp__kind_item(c, vals[1], EZP__ROLE_LISTEN, sub, &p->from)))
+	if ((rc = need_key(c, p, vals, kn, 1, path)) ||
+	    (rc = ezp__kind_item(c, vals[1], EZP__ROLE_LISTEN, sub, &p->from)))
 		return rc;
 	if (!ezp__node_null(vals[2])) {
 		yaml_node_t *t = vals[2];
@@ -405,7 +412,8 @@ static int parse_pipeline(struct ezp__pctx *c, struct ezp__config *cfg, yaml_nod
 		}
 	}
 	snprintf(sub, sizeof(sub), "%s.To", path);
-	if ((rc = ezp__kind_item(c, vals[3], EZP__ROLE_CONNECT, sub, &p->to)))
+	if ((rc = need_key(c, p, vals, kn, 3, path)) ||
+	    (rc = ezp__kind_item(c, vals[3], EZP__ROLE_CONNECT, sub, &p->to)))
 		return rc;
 	v = ezp__pval_of(vals[4]);
 	snprintf(sub, sizeof(sub), "%s.Shared", path);
@@ -489,7 +497,8 @@ int ezp__call_plugin_paths(struct ezp__pctx *c, struct ezp__config *cfg, const y
 	return rc;
 }
 
-static int parse_plugins(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *node)
+static int parse_plugins(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *node,
+			 const yaml_node_t **at)
 {
 	static const char *const keys[] = {"Path"};
 	yaml_node_t *val, *kn, *t;
@@ -498,6 +507,8 @@ static int parse_plugins(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node
 
 	if ((rc = ezp__map_keys(c, node, "Plugins", keys, 1, &val, &kn)))
 		return rc;
+	if (kn)
+		*at = val;
 	if (ezp__node_null(val))
 		return EZP_OK;
 	if (val->type == YAML_MAPPING_NODE)
@@ -635,6 +646,7 @@ static int parse_new(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *
 	static const char *const keys[] = {"Workers", "StateDir", "Plugins", "Api",
 					   "Logging", "Limits",   "Pipelines"};
 	yaml_node_t *vals[7], *kn[7], *pl;
+	const yaml_node_t *paths_at;
 	struct ezp__pval v;
 	size_t n;
 	int rc;
@@ -652,8 +664,9 @@ static int parse_new(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *
 					 "(leave it out for the default)");
 	}
 	/* Plugins first: their kinds must be known before pipelines are read. */
-	if ((rc = parse_plugins(c, cfg, vals[2])) ||
-	    (rc = ezp__call_plugin_paths(c, cfg, kn[2])))
+	paths_at = kn[2];
+	if ((rc = parse_plugins(c, cfg, vals[2], &paths_at)) ||
+	    (rc = ezp__call_plugin_paths(c, cfg, paths_at)))
 		return rc;
 	cfg->api.enabled = kn[3] != NULL;
 	if (!(cfg->api.listen = strdup("127.0.0.1:8080")))
@@ -890,6 +903,63 @@ int ezp__kind_conf_parse(const char *text, int is_filter, const struct ezp__kind
 		return rc;
 	c.budget = (size_t)(doc.nodes.top - doc.nodes.start) + 16;
 	rc = ezp__kind_item(&c, yaml_document_get_root_node(&doc), role, "", out);
+	yaml_document_delete(&doc);
+	return rc;
+}
+
+int ezp__through_parse(const char *text, const struct ezp__kind_lookup *lookup,
+		       struct ezp__kind_conf **out, size_t *n, struct ezp_error *err)
+{
+	struct ezp__pctx c;
+	yaml_document_t doc;
+	yaml_node_t *root;
+	struct ezp__kind_conf *items = NULL;
+	size_t count = 0;
+	int rc;
+
+	memset(&c, 0, sizeof(c));
+	c.file = "<string>";
+	c.err = err;
+	c.lookup = lookup;
+	c.doc = &doc;
+	if ((rc = ezp__doc_load(&c, text, text ? strlen(text) : 0, &doc)))
+		return rc;
+	c.budget = (size_t)(doc.nodes.top - doc.nodes.start) + 16;
+	root = yaml_document_get_root_node(&doc);
+	if (root && root->type == YAML_SCALAR_NODE && root->data.scalar.length == 0)
+		root = NULL; /* empty text: no filters */
+	if (root && root->type != YAML_SEQUENCE_NODE) {
+		rc = ezp__perr(&c, (int)root->start_mark.line + 1, (int)root->start_mark.column + 1,
+			       "Through must be a list of filter items, e.g. [ {callback: {Name: f}} ]");
+		goto out;
+	}
+	if (root) {
+		size_t len = (size_t)(root->data.sequence.items.top - root->data.sequence.items.start);
+		items = calloc(len ? len : 1, sizeof(*items));
+		if (!items) {
+			rc = ezp__perr_nomem(&c);
+			goto out;
+		}
+		for (size_t i = 0; i < len; i++) {
+			char path[32];
+			snprintf(path, sizeof(path), "Through[%zu]", i);
+			rc = ezp__kind_item(&c, yaml_document_get_node(&doc,
+					    root->data.sequence.items.start[i]), EZP__ROLE_FILTER,
+					    path, &items[i]);
+			if (rc) {
+				for (size_t j = 0; j < i; j++)
+					ezp__kind_conf_clear(&items[j]);
+				free(items);
+				items = NULL;
+				goto out;
+			}
+			count = i + 1;
+		}
+	}
+	*out = items;
+	*n = count;
+	rc = EZP_OK;
+out:
 	yaml_document_delete(&doc);
 	return rc;
 }

@@ -150,7 +150,7 @@ static void put_kind(struct out *o, const struct ezp__kind_conf *kc, int ind)
 		const struct ezp_param *p = &kc->params[i];
 		const char *v = (const char *)kc->config + p->offset;
 		char buf[EZP_ADDR_STRLEN];
-		char *s;
+		char *s = NULL;
 		int64_t iv;
 		int b;
 		double d;

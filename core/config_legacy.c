@@ -281,7 +281,7 @@ int ezp__legacy_parse(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t 
 						 "keys (ProxyAddress, ServerAddress, Api.UseAuth, "
 						 "Api.Address, Lua, Debug); write the whole file in "
 						 "the new form", ezp__show(show, sizeof(show),
-									   new_only[i], 20));
+									   new_only[i], strlen(new_only[i])));
 		}
 	}
 	if ((rc = ezp__map_keys(c, root, "", keys, 6, vals, kn)))

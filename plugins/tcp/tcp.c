@@ -1,18 +1,18 @@
 /*
  * tcp.c - the `tcp` transport plugin: listens (one SO_REUSEPORT socket per
- * worker), connects, reads and writes TCP legs for the core, and bridges two
- * legs with splice(2) when the core asks for the zero-copy fast path.
+ * worker), connects, reads and writes TCP legs for the core, half-closes,
+ * and bridges two legs with splice(2) when the core asks for the fast path.
  *
- * Threads: listen/unlisten run on the control thread; every other function
- * runs on the worker that owns the listening socket or the leg. The plugin
- * has no global state and calls the core only through the table it is given.
+ * Threads: listen/unlisten run on the control thread; everything else runs
+ * on the worker that owns the listening socket or the leg. No global state;
+ * the core is reached only through the table it hands us.
  *
  * Reentrancy: a core callback (leg_recv, leg_eof, leg_error, leg_connected,
  * leg_backpressure, ...) may close the leg, or its bridged peer, before it
- * returns. Every entry point therefore holds the legs it works on with
- * tcp_hold(); a close that arrives while a leg is held releases the fd, the
- * watch, the timer and the packets at once, but leaves the memory to the last
- * tcp_drop(). Code re-checks `closing` (and `peer`) after every callback.
+ * returns. So every entry point holds the legs it works on (tcp_hold); a
+ * close that arrives meanwhile releases the fd, watch, timer and packets at
+ * once and leaves only the memory to the last tcp_drop. After any callback
+ * the code re-checks `closing` (and `peer`) before going on.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -28,23 +28,22 @@
 
 #include <ezproxy/sdk.h>
 
-#define TCP_ACCEPT_BURST 64           /* accepts per wakeup */
-#define TCP_READ_BURST 4              /* reads (or splices) per wakeup, for fairness */
-#define TCP_IOV_MAX 64                /* iovecs per sendmsg */
-#define TCP_HIGH_WATER (256 * 1024)   /* queued bytes: backpressure on */
-#define TCP_LOW_WATER (64 * 1024)     /* queued bytes: backpressure off */
-#define TCP_PIPE_SIZE (1024 * 1024)   /* asked of F_SETPIPE_SZ */
-#define TCP_DEFAULT_MAX_PACKET 65536
-#define TCP_DEFAULT_TIMEOUT_MS 5000
-#define TCP_MAX_HOPS 4                /* worker hand-offs of one accepted client */
-#define TCP_LOG_EVERY_US 10000000ull  /* accept failures are logged at most this often */
-#define TCP_UNPIPE_MAX 16             /* packets made from one pipe at unbridge */
+#define TCP_ACCEPT_BURST 64          /* accepts per wakeup */
+#define TCP_READ_BURST 4             /* reads (or splices) per wakeup, for fairness */
+#define TCP_IOV_MAX 64               /* iovecs per sendmsg */
+#define TCP_HIGH_WATER (256 * 1024)  /* queued bytes: backpressure on */
+#define TCP_LOW_WATER (64 * 1024)    /* queued bytes: backpressure off */
+#define TCP_PIPE_SIZE (1024 * 1024)  /* asked of F_SETPIPE_SZ */
+#define TCP_MAX_PACKET 65536         /* when leg_max_packet says 0 */
+#define TCP_TIMEOUT_MS 5000          /* ConnectTimeoutMs default */
+#define TCP_MAX_HOPS 4               /* worker hand-offs of one accepted client */
+#define TCP_LOG_EVERY_US 10000000ull /* accept failures: one log line per 10 s */
 
 /*
- * One config struct for both tables. connect() is also used to dial client
- * legs with the From config (or NULL), so it reads only the common fields;
- * the core zero-fills a config, so connect_timeout_ms is 0 (= default) in a
- * From config, and ConnectTimeoutMs has min 1 so 0 never comes from YAML.
+ * One config struct serves both tables: connect() also dials client legs
+ * with the From config (or NULL) and can then read only the common fields.
+ * The core zero-fills configs, so connect_timeout_ms is 0 (= default) in a
+ * From config; ConnectTimeoutMs has min 1, so 0 never comes from YAML.
  */
 struct tcp_conf {
 	struct ezp_addr addr;       /* Listen (From) or Connect (To) */
@@ -55,12 +54,11 @@ struct tcp_conf {
 
 struct tcp_listener;
 
-/* One listening socket, used by one worker. */
-struct tcp_lsock {
+struct tcp_lsock { /* one listening socket, used by one worker */
 	struct tcp_listener *l;
 	struct ezp_worker *worker;
 	int fd;
-	int spare; /* a reserved descriptor, given up to refuse a client on EMFILE */
+	int spare; /* reserved descriptor, given up to refuse a client on EMFILE */
 	struct ezp_watch *watch;
 };
 
@@ -68,41 +66,37 @@ struct tcp_listener {
 	const struct ezp_core *core;
 	struct ezp_listener *listener;
 	int nodelay;
-	char *pipeline;      /* for log lines */
-	uint64_t logged_us;  /* atomic: when an accept failure was last logged */
+	char *pipeline;     /* for log lines */
+	uint64_t logged_us; /* atomic: when an accept failure was last logged */
 	unsigned n;
 	struct tcp_lsock socks[];
 };
 
-/* A leg's state (leg_set_state). */
-struct tcp_leg {
+struct tcp_leg { /* a leg's state (leg_set_state) */
 	const struct ezp_core *core;
 	struct ezp_leg *leg;
 	struct ezp_worker *worker;
 	int fd;
 	struct ezp_watch *watch;
-	unsigned events;             /* what the watch is set to */
-	struct ezp_timer *timer;     /* connect timeout */
-	char addr[EZP_ADDR_STRLEN];  /* dialled address, for messages */
-
-	struct ezp_packet **q;       /* out queue: a ring of q_cap (a power of two) */
+	unsigned events;            /* what the watch is set to */
+	struct ezp_timer *timer;    /* connect timeout */
+	char addr[EZP_ADDR_STRLEN]; /* dialled address, for messages */
+	struct ezp_packet **q;      /* out queue: a ring of q_cap (a power of two) */
 	size_t q_cap, q_head, q_n;
-	size_t q_off;                /* bytes of the head packet already written */
-	size_t q_bytes;              /* bytes queued, not yet written */
-
-	struct tcp_leg *peer;        /* bridged with; NULL when not bridged */
-	int pipe[2];                 /* bytes read from this leg, on their way to peer */
+	size_t q_off;               /* bytes of the head packet already written */
+	size_t q_bytes;             /* bytes queued, not yet written */
+	struct tcp_leg *peer;       /* bridged with; NULL when not bridged */
+	int pipe[2];                /* bytes read from this leg on their way to peer */
 	size_t pipe_bytes, pipe_cap;
-
-	unsigned busy;               /* tcp_hold depth */
-	int werr;                    /* a write error not reported yet */
+	unsigned busy;              /* tcp_hold depth */
+	int werr;                   /* a write error not reported yet */
 	unsigned connecting : 1, connected : 1, paused : 1, rd_eof : 1, eof_sent : 1,
 		shut_pending : 1, shut_done : 1, backpressure : 1, dead : 1, closing : 1;
 };
 
 static const char *tcp_strerror(int e, char *buf, size_t len)
 {
-	return strerror_r(e, buf, len); /* GNU: returns a string, maybe not buf */
+	return strerror_r(e, buf, len); /* GNU version: thread-safe, may ignore buf */
 }
 
 __attribute__((format(printf, 4, 5))) static void tcp_seterr(struct ezp_error *err, int code,
@@ -119,18 +113,18 @@ __attribute__((format(printf, 4, 5))) static void tcp_seterr(struct ezp_error *e
 	va_end(ap);
 }
 
-/* ---- leg state --------------------------------------------------------- */
+/* ---- leg state ---------------------------------------------------------- */
 
 static struct tcp_leg *tcp_leg_new(const struct ezp_core *core, struct ezp_worker *w, int fd)
 {
 	struct tcp_leg *t = calloc(1, sizeof *t);
 
-	if (!t)
-		return NULL;
-	t->core = core;
-	t->worker = w;
-	t->fd = fd;
-	t->pipe[0] = t->pipe[1] = -1;
+	if (t) {
+		t->core = core;
+		t->worker = w;
+		t->fd = fd;
+		t->pipe[0] = t->pipe[1] = -1;
+	}
 	return t;
 }
 
@@ -147,38 +141,32 @@ static void tcp_pipe_close(struct tcp_leg *t)
 static void tcp_update_watch(struct tcp_leg *t);
 
 /*
- * Leave bridged mode because @t is closing: bytes in the peer's pipe were
- * meant for @t and are dropped; an end of stream the peer read but had not
- * reported yet is found again by its next read. Thread: worker.
+ * Release everything but the memory of @t (idempotent). A bridged peer goes
+ * back to normal mode: bytes in its pipe were meant for @t and are dropped;
+ * an end of stream it read but had not reported is found again by its next
+ * read. Thread: worker.
  */
-static void tcp_detach(struct tcp_leg *t)
-{
-	struct tcp_leg *p = t->peer;
-
-	if (!p)
-		return;
-	t->peer = p->peer = NULL;
-	if (p->pipe_bytes)
-		tcp_pipe_close(p);
-	if (p->rd_eof && !p->eof_sent)
-		p->rd_eof = 0;
-	tcp_update_watch(p);
-}
-
-/* Release everything but the memory of @t. Idempotent. Thread: worker. */
 static void tcp_release(struct tcp_leg *t)
 {
 	const struct ezp_core *core = t->core;
+	struct tcp_leg *p = t->peer;
 
-	tcp_detach(t);
+	if (p) {
+		t->peer = p->peer = NULL;
+		if (p->pipe_bytes)
+			tcp_pipe_close(p);
+		if (p->rd_eof && !p->eof_sent)
+			p->rd_eof = 0;
+		tcp_update_watch(p);
+	}
 	if (t->timer)
 		core->timer_free(t->timer);
 	if (t->watch)
 		core->watch_free(t->watch);
-	t->timer = NULL;
-	t->watch = NULL;
 	if (t->fd >= 0)
 		close(t->fd);
+	t->timer = NULL;
+	t->watch = NULL;
 	t->fd = -1;
 	tcp_pipe_close(t);
 	for (; t->q_n; t->q_n--, t->q_head = (t->q_head + 1) & (t->q_cap - 1))
@@ -204,16 +192,13 @@ static void tcp_drop(struct tcp_leg *t)
 static void tcp_update_watch(struct tcp_leg *t)
 {
 	unsigned ev = 0;
-	int rd;
+	int rd = !t->paused && !t->rd_eof;
 
 	if (t->closing || !t->watch)
 		return;
-	if (t->dead) {
-		ev = 0;
-	} else if (t->connecting) {
+	if (t->connecting && !t->dead) {
 		ev = EZP_WATCH_WRITE;
-	} else if (t->connected) {
-		rd = !t->paused && !t->rd_eof;
+	} else if (t->connected && !t->dead) {
 		if (t->peer) /* bridged: read only into an empty pipe, after injected bytes */
 			rd = rd && !t->pipe_bytes && !t->peer->q_n;
 		if (rd)
@@ -240,7 +225,7 @@ static void tcp_fail(struct tcp_leg *t, const char *what, int e)
 	t->core->leg_error(t->leg, EZP_CLOSE_ERROR, msg);
 }
 
-/* ---- the out queue ----------------------------------------------------- */
+/* ---- the out queue ------------------------------------------------------ */
 
 static int tcp_q_push(struct tcp_leg *t, struct ezp_packet *pkt, int front)
 {
@@ -257,37 +242,15 @@ static int tcp_q_push(struct tcp_leg *t, struct ezp_packet *pkt, int front)
 		t->q_cap = cap;
 		t->q_head = 0;
 	}
-	if (front) {
+	if (front)
 		t->q_head = (t->q_head - 1) & (t->q_cap - 1);
-		t->q[t->q_head] = pkt;
-	} else {
-		t->q[(t->q_head + t->q_n) & (t->q_cap - 1)] = pkt;
-	}
+	t->q[(t->q_head + (front ? 0 : t->q_n)) & (t->q_cap - 1)] = pkt;
 	t->q_n++;
 	t->q_bytes += pkt->len;
 	return 0;
 }
 
-/* Forget @n written bytes from the head of the queue. */
-static void tcp_q_consume(struct tcp_leg *t, size_t n)
-{
-	t->q_bytes -= n;
-	while (n) {
-		struct ezp_packet *pkt = t->q[t->q_head];
-		size_t left = pkt->len - t->q_off;
-
-		if (n < left) {
-			t->q_off += n;
-			return;
-		}
-		n -= left;
-		t->q_off = 0;
-		t->core->packet_unref(pkt);
-		t->q_head = (t->q_head + 1) & (t->q_cap - 1);
-		t->q_n--;
-	}
-}
-
+/* Tell the core when the queue crosses a watermark (it may call back). Thread: worker. */
 static void tcp_check_backpressure(struct tcp_leg *t)
 {
 	if (!t->backpressure && t->q_bytes > TCP_HIGH_WATER) {
@@ -300,48 +263,64 @@ static void tcp_check_backpressure(struct tcp_leg *t)
 }
 
 /*
- * Write as much of the queue as the socket takes. Never reports errors
- * itself: returns -1 with t->werr set. May call leg_backpressure. While
- * bridged, waits until the pipe toward this leg is empty. Thread: worker.
+ * Write as much of the queue as the socket takes. Reports nothing itself:
+ * returns -1 with t->werr set. May call leg_backpressure. While bridged it
+ * waits until the pipe toward this leg is empty. Thread: worker.
  */
 static int tcp_flush(struct tcp_leg *t)
 {
 	struct iovec iov[TCP_IOV_MAX];
-	struct msghdr mh;
-	ssize_t n;
+	struct msghdr mh = {.msg_iov = iov};
+	size_t i, off, n, want;
+	ssize_t r;
 
 	if (t->werr)
 		return -1;
 	if (!t->connected || t->fd < 0 || (t->peer && t->peer->pipe_bytes))
 		return 0;
 	while (t->q_n) {
-		size_t i, off = t->q_off;
-
-		memset(&mh, 0, sizeof mh);
-		for (i = 0; i < t->q_n && i < TCP_IOV_MAX; i++, off = 0) {
+		for (i = 0, off = t->q_off, want = 0; i < t->q_n && i < TCP_IOV_MAX; i++, off = 0) {
 			struct ezp_packet *pkt = t->q[(t->q_head + i) & (t->q_cap - 1)];
 
 			iov[i].iov_base = pkt->data + off;
 			iov[i].iov_len = pkt->len - off;
+			want += iov[i].iov_len;
 		}
-		mh.msg_iov = iov;
 		mh.msg_iovlen = i;
-		n = sendmsg(t->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				break;
+		r = sendmsg(t->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			break;
+		if (r < 0) {
 			t->werr = errno;
 			return -1;
 		}
-		tcp_q_consume(t, (size_t)n);
+		for (n = (size_t)r, t->q_bytes -= n; n;) { /* drop what was written */
+			struct ezp_packet *pkt = t->q[t->q_head];
+
+			if (n < pkt->len - t->q_off) {
+				t->q_off += n;
+				break;
+			}
+			n -= pkt->len - t->q_off;
+			t->q_off = 0;
+			t->core->packet_unref(pkt);
+			t->q_head = (t->q_head + 1) & (t->q_cap - 1);
+			t->q_n--;
+		}
+		if ((size_t)r < want)
+			break; /* the socket is full: skip the EAGAIN round trip */
 	}
 	tcp_check_backpressure(t);
 	return 0;
 }
 
-/* Half-close once everything queued (and piped) toward the peer is written. */
+/*
+ * Half-close once everything queued (and piped) toward the peer is written,
+ * then tell the core (which may end the session, closing @t, right here).
+ * The caller holds @t. Thread: worker.
+ */
 static void tcp_try_shutdown(struct tcp_leg *t)
 {
 	if (!t->shut_pending || t->shut_done || !t->connected || t->q_n || t->fd < 0 ||
@@ -350,9 +329,10 @@ static void tcp_try_shutdown(struct tcp_leg *t)
 	t->shut_done = 1;
 	if (shutdown(t->fd, SHUT_WR) < 0 && errno != ENOTCONN)
 		t->core->log(EZP_LOG_DEBUG, "tcp", "shutdown: errno %d", errno);
+	t->core->leg_write_done(t->leg);
 }
 
-/* ---- the event paths (worker) -------------------------------------------- */
+/* ---- event paths (worker) ----------------------------------------------- */
 
 /* Normal mode: up to TCP_READ_BURST reads, each handed to the core. Thread: worker. */
 static void tcp_read(struct tcp_leg *t)
@@ -366,18 +346,15 @@ static void tcp_read(struct tcp_leg *t)
 	for (i = 0; i < TCP_READ_BURST; i++) {
 		if (t->closing || t->dead || t->paused || t->rd_eof || t->peer)
 			return;
-		max = core->leg_max_packet(t->leg);
-		if (!max)
-			max = TCP_DEFAULT_MAX_PACKET;
-		pkt = core->packet_new(max);
-		if (!pkt) {
+		if (!(max = core->leg_max_packet(t->leg)))
+			max = TCP_MAX_PACKET;
+		if (!(pkt = core->packet_new(max))) {
 			tcp_fail(t, "read", ENOMEM);
 			return;
 		}
 		n = read(t->fd, pkt->data, max);
 		if (n > 0) {
 			pkt->len = (size_t)n; /* shrinking in place is allowed */
-			pkt->ts_us = core->now_us();
 			core->leg_recv(t->leg, pkt); /* may close t */
 			if ((size_t)n < max)
 				return;
@@ -391,10 +368,9 @@ static void tcp_read(struct tcp_leg *t)
 			core->leg_eof(t->leg); /* may close t */
 			return;
 		}
-		if (e == EAGAIN || e == EWOULDBLOCK)
-			return;
 		if (e != EINTR) {
-			tcp_fail(t, "read", e);
+			if (e != EAGAIN && e != EWOULDBLOCK)
+				tcp_fail(t, "read", e);
 			return;
 		}
 	}
@@ -406,16 +382,14 @@ static int tcp_gone(const struct tcp_leg *s, const struct tcp_leg *d)
 }
 
 /*
- * Bridged mode: move bytes from @s through its pipe to @d; first what is in
+ * Bridged mode: move bytes from @s through its pipe to @d: first what is in
  * the pipe, then @d's injected packets, then end of stream, then new reads.
  * The caller holds both legs. Returns -1 once a callback closed, failed or
- * unbridged either leg (then only tcp_update_watch/tcp_drop them). Thread: worker.
+ * unbridged either leg (then only update_watch and drop them). Thread: worker.
  */
 static int tcp_pump(struct tcp_leg *s, struct tcp_leg *d)
 {
-	const struct ezp_core *core = s->core;
-	unsigned flags = SPLICE_F_NONBLOCK | SPLICE_F_MOVE;
-	char buf[128], msg[192];
+	const unsigned flags = SPLICE_F_NONBLOCK | SPLICE_F_MOVE;
 	int rounds = 0;
 	ssize_t n;
 
@@ -426,31 +400,33 @@ static int tcp_pump(struct tcp_leg *s, struct tcp_leg *d)
 			n = splice(s->pipe[0], NULL, d->fd, NULL, s->pipe_bytes, flags);
 			if (n > 0) {
 				s->pipe_bytes -= (size_t)n;
-				core->leg_bridged_bytes(s->leg, (size_t)n);
+				s->core->leg_bridged_bytes(s->leg, (size_t)n);
 				if (tcp_gone(s, d))
 					return -1;
 			} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-				return 0; /* d is full: the watch waits for it */
+				return 0; /* d is full: its WRITE watch calls us again */
 			} else if (n == 0 || errno != EINTR) {
 				tcp_fail(d, "write", n == 0 ? EPIPE : errno);
 				return -1;
 			}
 		}
-		if (d->q_n) {
-			if (tcp_flush(d) < 0) {
-				tcp_fail(d, "write", d->werr);
-				return -1;
-			}
-			if (tcp_gone(s, d) || d->q_n)
-				return tcp_gone(s, d) ? -1 : 0;
+		if (d->q_n && tcp_flush(d) < 0) {
+			tcp_fail(d, "write", d->werr);
+			return -1;
 		}
+		if (tcp_gone(s, d))
+			return -1;
+		if (d->q_n)
+			return 0;
 		tcp_try_shutdown(d);
+		if (tcp_gone(s, d))
+			return -1;
 		if (s->rd_eof) {
 			if (s->eof_sent)
 				return 0;
 			s->eof_sent = 1;
 			tcp_update_watch(s);
-			core->leg_eof(s->leg); /* the core shuts d down, or closes both */
+			s->core->leg_eof(s->leg); /* the core shuts d down, or closes both */
 			return tcp_gone(s, d) ? -1 : 0;
 		}
 		if (s->paused || rounds++ >= TCP_READ_BURST)
@@ -463,47 +439,33 @@ static int tcp_pump(struct tcp_leg *s, struct tcp_leg *d)
 		} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
 			return 0;
 		} else if (errno != EINTR) {
-			snprintf(msg, sizeof msg, "read: %s", tcp_strerror(errno, buf, sizeof buf));
-			s->dead = 1;
-			tcp_update_watch(s);
-			core->leg_error(s->leg, EZP_CLOSE_ERROR, msg);
+			tcp_fail(s, "read", errno);
 			return -1;
 		}
 	}
 }
 
-/* A connect started with EINPROGRESS finished (the socket is writable). Thread: worker. */
-static void tcp_connect_done(struct tcp_leg *t)
+/* The connect finished (@e = 0) or failed; tell the core once. Thread: worker. */
+static void tcp_connect_done(struct tcp_leg *t, int e)
 {
-	const struct ezp_core *core = t->core;
 	char buf[128], msg[EZP_ADDR_STRLEN + 160];
-	socklen_t len = sizeof(int);
-	int e = 0;
 
-	if (getsockopt(t->fd, SOL_SOCKET, SO_ERROR, &e, &len) < 0)
-		e = errno;
-	if (e == EINPROGRESS || e == EALREADY || e == EINTR)
-		return;
 	t->connecting = 0;
-	core->timer_stop(t->timer);
+	t->core->timer_stop(t->timer);
 	if (e) {
 		t->dead = 1;
 		tcp_update_watch(t);
 		snprintf(msg, sizeof msg, "connect to %s: %s", t->addr,
 			 tcp_strerror(e, buf, sizeof buf));
-		core->leg_connected(t->leg, EZP_ERR_IO, msg);
+		t->core->leg_connected(t->leg, e == ETIMEDOUT ? EZP_ERR_TIMEOUT : EZP_ERR_IO, msg);
 		return;
 	}
 	t->connected = 1;
 	tcp_update_watch(t);
-	core->leg_connected(t->leg, EZP_OK, "");
-	if (t->closing || t->dead)
-		return;
-	if (tcp_flush(t) < 0) {
+	t->core->leg_connected(t->leg, EZP_OK, "");
+	if (!t->closing && !t->dead && tcp_flush(t) < 0) /* sent while connecting */
 		tcp_fail(t, "write", t->werr);
-		return;
-	}
-	if (!t->closing)
+	else if (!t->closing)
 		tcp_try_shutdown(t);
 }
 
@@ -511,18 +473,23 @@ static void tcp_connect_done(struct tcp_leg *t)
 static void tcp_on_event(int fd, unsigned events, void *arg)
 {
 	struct tcp_leg *t = arg, *p;
+	socklen_t len = sizeof(int);
+	int e = 0;
 
-	(void)fd;
 	tcp_hold(t);
 	if (t->connecting) {
-		tcp_connect_done(t);
+		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len) < 0)
+			e = errno;
+		if (e != EINPROGRESS && e != EALREADY && e != EINTR)
+			tcp_connect_done(t, e);
 	} else if ((p = t->peer)) {
 		tcp_hold(p);
-		if (t->werr)
+		if (t->werr) {
 			tcp_fail(t, "write", t->werr);
-		else if (!(events & EZP_WATCH_WRITE) || tcp_pump(p, t) == 0)
-			if (events & EZP_WATCH_READ)
+		} else if (!(events & EZP_WATCH_WRITE) || tcp_pump(p, t) == 0) {
+			if (events & EZP_WATCH_READ) /* p's pipe into t first, then t's reads */
 				tcp_pump(t, p);
+		}
 		tcp_update_watch(p);
 		tcp_drop(p);
 	} else {
@@ -541,72 +508,65 @@ static void tcp_on_event(int fd, unsigned events, void *arg)
 static void tcp_on_timeout(void *arg)
 {
 	struct tcp_leg *t = arg;
-	char buf[128], msg[EZP_ADDR_STRLEN + 160];
 
 	if (!t->connecting)
 		return;
 	tcp_hold(t);
-	t->connecting = 0;
-	t->dead = 1;
-	tcp_update_watch(t);
-	snprintf(msg, sizeof msg, "connect to %s: %s", t->addr,
-		 tcp_strerror(ETIMEDOUT, buf, sizeof buf));
-	t->core->leg_connected(t->leg, EZP_ERR_TIMEOUT, msg);
+	tcp_connect_done(t, ETIMEDOUT);
 	tcp_drop(t);
 }
 
-/* ---- transport ops on legs (worker) -------------------------------------- */
+/* ---- transport ops on legs (worker) ------------------------------------- */
 
+/* (transfer full) @pkt: written in order; released when written, refused or at close. */
 static int tcp_send(struct ezp_leg *leg, void *state, struct ezp_packet *pkt)
 {
 	struct tcp_leg *t = state;
-	int was_empty;
+	int rc = EZP_OK;
 
 	(void)leg;
 	if (!t)
-		return EZP_ERR_CLOSED; /* no state to unref with: never happens after accept/connect */
-	if (!pkt->len || t->closing || t->dead || t->werr || t->shut_pending) {
-		int rc = pkt->len ? EZP_ERR_CLOSED : EZP_OK;
-
+		return EZP_ERR_CLOSED; /* cannot happen after accept/connect */
+	if (t->closing || t->dead || t->werr || t->shut_pending)
+		rc = EZP_ERR_CLOSED;
+	if (rc || !pkt->len) {
 		t->core->packet_unref(pkt);
 		return rc;
 	}
 	tcp_hold(t);
-	was_empty = !t->q_n;
 	if (tcp_q_push(t, pkt, 0) < 0) {
 		t->core->packet_unref(pkt);
-		tcp_drop(t);
-		return EZP_ERR_NOMEM;
-	}
-	if (was_empty)
+		rc = EZP_ERR_NOMEM;
+	} else if (t->q_n == 1) {
 		(void)tcp_flush(t); /* an error is reported from the watch (werr) */
+	}
 	if (!t->closing)
 		tcp_check_backpressure(t);
 	tcp_update_watch(t);
 	tcp_drop(t);
-	return EZP_OK;
+	return rc;
+}
+
+static void tcp_set_paused(void *state, int paused)
+{
+	struct tcp_leg *t = state;
+
+	if (t) {
+		t->paused = !!paused;
+		tcp_update_watch(t);
+	}
 }
 
 static void tcp_pause(struct ezp_leg *leg, void *state)
 {
-	struct tcp_leg *t = state;
-
 	(void)leg;
-	if (t) {
-		t->paused = 1;
-		tcp_update_watch(t);
-	}
+	tcp_set_paused(state, 1);
 }
 
 static void tcp_resume(struct ezp_leg *leg, void *state)
 {
-	struct tcp_leg *t = state;
-
 	(void)leg;
-	if (t) {
-		t->paused = 0;
-		tcp_update_watch(t);
-	}
+	tcp_set_paused(state, 0);
 }
 
 static void tcp_shutdown_write(struct ezp_leg *leg, void *state)
@@ -614,12 +574,15 @@ static void tcp_shutdown_write(struct ezp_leg *leg, void *state)
 	struct tcp_leg *t = state;
 
 	(void)leg;
-	if (!t || t->closing)
-		return;
-	t->shut_pending = 1;
-	tcp_try_shutdown(t);
+	if (t && !t->closing) {
+		t->shut_pending = 1;
+		tcp_hold(t);
+		tcp_try_shutdown(t);
+		tcp_drop(t);
+	}
 }
 
+/* Also called from inside our own callbacks: the memory waits for the last tcp_drop. */
 static void tcp_close(struct ezp_leg *leg, void *state)
 {
 	struct tcp_leg *t = state;
@@ -655,6 +618,7 @@ static int tcp_bridgeable(const struct tcp_leg *t)
 	return t && t->connected && !t->dead && !t->closing && !t->werr && !t->peer && !t->q_n;
 }
 
+/* Forward a <-> b with splice from now on, or decline with EZP_ERR_AGAIN. Thread: worker. */
 static int tcp_bridge(struct ezp_leg *a, void *a_state, struct ezp_leg *b, void *b_state)
 {
 	struct tcp_leg *x = a_state, *y = b_state;
@@ -673,56 +637,46 @@ static int tcp_bridge(struct ezp_leg *a, void *a_state, struct ezp_leg *b, void 
 }
 
 /*
- * Move what is still in @x's pipe to the front of @y's out queue, in order.
- * Bytes that cannot be kept (no memory) fail @y rather than vanish. The
- * queue head is never partly written here: @y's queue is flushed only once
- * @x's pipe is empty. Thread: worker.
+ * Move what is still in @x's pipe to the front of @y's out queue, as one
+ * packet. The head of @y's queue is never partly written at this point (it
+ * is flushed only once @x's pipe is empty), so order holds. Bytes that
+ * cannot be kept fail @y rather than vanish. Thread: worker.
  */
 static void tcp_unpipe(struct tcp_leg *x, struct tcp_leg *y)
 {
-	const struct ezp_core *core = x->core;
-	struct ezp_packet *pk[TCP_UNPIPE_MAX];
-	size_t n = 0, total = 0, chunk = x->pipe_bytes / TCP_UNPIPE_MAX + 1, want;
+	struct ezp_packet *pkt;
+	size_t got = 0;
 	ssize_t r;
 
-	if (x->closing || y->closing)
+	if (!x->pipe_bytes || x->closing || y->closing)
 		return;
-	if (chunk < TCP_DEFAULT_MAX_PACKET)
-		chunk = TCP_DEFAULT_MAX_PACKET;
-	while (x->pipe_bytes && n < TCP_UNPIPE_MAX) {
-		want = x->pipe_bytes < chunk ? x->pipe_bytes : chunk;
-		if (!(pk[n] = core->packet_new(want)))
-			break;
-		r = read(x->pipe[0], pk[n]->data, want);
-		if (r <= 0) {
-			core->packet_unref(pk[n]);
-			if (r < 0 && errno == EINTR)
-				continue;
-			break;
-		}
-		pk[n]->len = (size_t)r;
-		pk[n]->ts_us = core->now_us();
-		x->pipe_bytes -= (size_t)r;
-		total += (size_t)r;
-		n++;
-	}
-	if (x->pipe_bytes) {
-		tcp_pipe_close(x); /* unreadable leftovers: drop the pipe, fail y */
+	if (!(pkt = x->core->packet_new(x->pipe_bytes))) {
 		y->werr = ENOMEM;
+		tcp_pipe_close(x);
+		return;
 	}
-	while (n--) {
-		if (tcp_q_push(y, pk[n], 1) < 0) {
-			core->packet_unref(pk[n]);
-			y->werr = ENOMEM;
-		}
+	while (got < x->pipe_bytes) {
+		r = read(x->pipe[0], pkt->data + got, x->pipe_bytes - got);
+		if (r > 0)
+			got += (size_t)r;
+		else if (r == 0 || errno != EINTR)
+			break;
 	}
-	if (total)
-		core->leg_bridged_bytes(x->leg, total);
+	pkt->len = got;
+	if (got < x->pipe_bytes || tcp_q_push(y, pkt, 1) < 0) {
+		x->core->packet_unref(pkt);
+		y->werr = ENOMEM;
+		tcp_pipe_close(x);
+		return;
+	}
+	x->pipe_bytes = 0;
+	x->core->leg_bridged_bytes(x->leg, got);
 }
 
+/* Back to the full path; bytes in flight lead the out queues. Thread: worker. */
 static void tcp_unbridge(struct ezp_leg *a, void *a_state, struct ezp_leg *b, void *b_state)
 {
-	struct tcp_leg *x = a_state, *y = b_state, *l[2] = {a_state, b_state};
+	struct tcp_leg *x = a_state, *y = b_state, *both[2] = {a_state, b_state};
 	int i;
 
 	(void)a;
@@ -735,23 +689,24 @@ static void tcp_unbridge(struct ezp_leg *a, void *a_state, struct ezp_leg *b, vo
 	tcp_unpipe(y, x);
 	x->peer = y->peer = NULL;
 	for (i = 0; i < 2; i++) {
-		if (l[i]->rd_eof && !l[i]->eof_sent)
-			l[i]->rd_eof = 0; /* its next read finds the end of stream again */
-		if (!l[i]->closing)
-			tcp_check_backpressure(l[i]);
-		tcp_update_watch(l[i]);
+		if (both[i]->rd_eof && !both[i]->eof_sent)
+			both[i]->rd_eof = 0; /* its next read finds the end of stream again */
+		if (!both[i]->closing)
+			tcp_check_backpressure(both[i]);
+		tcp_update_watch(both[i]);
 	}
 	tcp_drop(y);
 	tcp_drop(x);
 }
 
+/* Dial args->addr (never the config's address). Thread: the leg's worker. */
 static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_args *args,
 		       struct ezp_error *err)
 {
 	const struct tcp_conf *conf = args->config; /* To, From (client dial) or NULL */
 	struct ezp_worker *w = args->worker ? args->worker : core->leg_worker(args->leg);
-	int64_t ms = TCP_DEFAULT_TIMEOUT_MS;
-	int one = 1, nodelay = conf ? conf->nodelay : 1, e;
+	uint64_t ms = TCP_TIMEOUT_MS;
+	int one = 1, e = ENOMEM, rc;
 	struct tcp_leg *t;
 	char buf[128];
 
@@ -759,8 +714,8 @@ static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 		tcp_seterr(err, EZP_ERR_INVAL, EZP_SIDE_INTERNAL, "tcp: no address to connect to");
 		return EZP_ERR_INVAL;
 	}
-	if (conf && conf->connect_timeout_ms > 0)
-		ms = conf->connect_timeout_ms;
+	if (conf && conf->connect_timeout_ms > 0) /* 0: a From config (client dial) */
+		ms = (uint64_t)conf->connect_timeout_ms;
 	if (!(t = tcp_leg_new(core, w, -1))) {
 		tcp_seterr(err, EZP_ERR_NOMEM, EZP_SIDE_INTERNAL, "tcp: out of memory");
 		return EZP_ERR_NOMEM;
@@ -770,7 +725,7 @@ static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 	t->fd = socket(args->addr->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (t->fd < 0)
 		goto fail_errno;
-	if (nodelay)
+	if (!conf || conf->nodelay)
 		(void)setsockopt(t->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	if (connect(t->fd, (const struct sockaddr *)&args->addr->ss, args->addr->len) == 0)
 		t->connected = 1;
@@ -779,17 +734,16 @@ static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 	else
 		goto fail_errno;
 	t->events = t->connecting ? EZP_WATCH_WRITE : 0;
-	e = ENOMEM;
 	if (!(t->watch = core->watch_add(w, t->fd, t->events, tcp_on_event, t)))
 		goto fail;
-	if (t->connecting) {
-		if (!(t->timer = core->timer_new(w, tcp_on_timeout, t)))
-			goto fail;
-		core->timer_start(t->timer, (uint64_t)ms, 0);
-	}
+	if (t->connecting && !(t->timer = core->timer_new(w, tcp_on_timeout, t)))
+		goto fail;
+	if (t->connecting)
+		core->timer_start(t->timer, ms, 0);
 	t->paused = 1; /* reads start at resume */
-	core->leg_set_state(args->leg, t);
-	return t->connecting ? EZP_ERR_AGAIN : EZP_OK;
+	rc = t->connecting ? EZP_ERR_AGAIN : EZP_OK;
+	core->leg_set_state(args->leg, t); /* the core may use the leg from here on */
+	return rc;
 
 fail_errno:
 	e = errno;
@@ -801,10 +755,9 @@ fail:
 	return e == ENOMEM ? EZP_ERR_NOMEM : EZP_ERR_IO;
 }
 
-/* ---- listening ------------------------------------------------------------ */
+/* ---- listening ---------------------------------------------------------- */
 
-/* A client waiting to be offered to the core on another worker. */
-struct tcp_handoff {
+struct tcp_handoff { /* a client on its way to the worker its session lives on */
 	const struct ezp_core *core;
 	struct ezp_listener *listener;
 	struct ezp_worker *worker;
@@ -814,10 +767,7 @@ struct tcp_handoff {
 
 static void tcp_handoff_run(void *arg);
 
-/*
- * Offer accepted socket @fd to the core on worker @w (which runs this); the
- * new leg starts paused. Takes @fd. Thread: @w.
- */
+/* Offer accepted socket @fd (taken) to the core; the leg starts paused. Thread: @w. */
 static void tcp_admit(const struct ezp_core *core, struct ezp_listener *listener,
 		      struct ezp_worker *w, int fd, const struct ezp_addr *peer, int hops)
 {
@@ -839,23 +789,23 @@ static void tcp_admit(const struct ezp_core *core, struct ezp_listener *listener
 	if (rc == EZP_OK && a.leg) {
 		t->leg = a.leg;
 		t->connected = t->paused = 1;
-		t->watch = core->watch_add(w, fd, 0, tcp_on_event, t);
-		t->dead = !t->watch;
-		core->leg_set_state(a.leg, t);
-		if (!t->watch)
-			core->leg_error(a.leg, EZP_CLOSE_ERROR, "tcp: cannot watch the client socket");
+		if (!(t->watch = core->watch_add(w, fd, 0, tcp_on_event, t))) {
+			tcp_release(t); /* closes fd; the core never calls close for this leg */
+			free(t);
+			core->leg_error(a.leg, EZP_CLOSE_ERROR, "tcp: cannot watch the socket");
+			return;
+		}
+		core->leg_set_state(a.leg, t); /* may start, resume or even close the leg */
 		return;
 	}
-	t->fd = -1; /* the fd goes on, or is closed below */
-	free(t);
-	if (rc == EZP_ERR_AGAIN && a.move_to && hops < TCP_MAX_HOPS &&
-	    (h = malloc(sizeof *h))) {
+	free(t); /* the fd goes on, or is closed below */
+	if (rc == EZP_ERR_AGAIN && a.move_to && hops < TCP_MAX_HOPS && (h = malloc(sizeof *h))) {
 		*h = (struct tcp_handoff){core, listener, a.move_to, fd, hops + 1, *peer};
 		if (core->defer(a.move_to, tcp_handoff_run, h) == EZP_OK)
 			return;
 		free(h);
 	}
-	close(fd); /* refused: the core has said why */
+	close(fd); /* refused: the core has logged why */
 }
 
 /* Thread: the worker the core moved the client to. */
@@ -867,11 +817,10 @@ static void tcp_handoff_run(void *arg)
 	free(h);
 }
 
-/* Log an accept failure at most every TCP_LOG_EVERY_US per listener. Thread: any worker. */
+/* Log an accept failure, at most once per TCP_LOG_EVERY_US per listener. Thread: a worker. */
 static void tcp_accept_failed(struct tcp_listener *l, int e)
 {
 	uint64_t now = l->core->now_us(), last = __atomic_load_n(&l->logged_us, __ATOMIC_RELAXED);
-	int nofile = e == EMFILE || e == ENFILE;
 	char buf[128];
 
 	if ((last && now - last < TCP_LOG_EVERY_US) ||
@@ -880,14 +829,14 @@ static void tcp_accept_failed(struct tcp_listener *l, int e)
 		return;
 	l->core->log(EZP_LOG_WARN, "tcp", "pipeline '%s': accept: %s%s", l->pipeline,
 		     tcp_strerror(e, buf, sizeof buf),
-		     nofile ? "; refusing new clients until descriptors are free"
-			      " (raise the open-file limit, ulimit -n)" : "");
+		     e == EMFILE || e == ENFILE ? "; refusing new clients until descriptors"
+			     " are free (raise the open-file limit, ulimit -n)" : "");
 }
 
 /*
- * Out of descriptors: give up the spare one for a moment to accept and
- * close one waiting client, so the level-triggered watch does not spin.
- * Returns -1 when that was not possible. Thread: the socket's worker.
+ * Out of descriptors: give up the spare one for a moment to accept and close
+ * one waiting client, so the level-triggered watch does not spin. Returns -1
+ * when that was not possible. Thread: the socket's worker.
  */
 static int tcp_refuse_one(struct tcp_lsock *ls)
 {
@@ -895,8 +844,7 @@ static int tcp_refuse_one(struct tcp_lsock *ls)
 
 	if (ls->spare >= 0) {
 		close(ls->spare);
-		c = accept4(ls->fd, NULL, NULL, SOCK_CLOEXEC);
-		if (c >= 0)
+		if ((c = accept4(ls->fd, NULL, NULL, SOCK_CLOEXEC)) >= 0)
 			close(c);
 	}
 	ls->spare = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -914,7 +862,8 @@ static void tcp_on_accept(int fd, unsigned events, void *arg)
 	(void)events;
 	for (i = 0; i < TCP_ACCEPT_BURST; i++) {
 		peer.len = sizeof peer.ss;
-		c = accept4(fd, (struct sockaddr *)&peer.ss, &peer.len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		c = accept4(fd, (struct sockaddr *)&peer.ss, &peer.len,
+			    SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (c < 0) {
 			e = errno;
 			if (e == EINTR || e == ECONNABORTED || e == EPROTO)
@@ -938,49 +887,33 @@ static void tcp_unlisten(void *state)
 	struct tcp_listener *l = state;
 	unsigned i;
 
-	if (!l)
-		return;
-	for (i = 0; i < l->n; i++) {
-		struct tcp_lsock *ls = &l->socks[i];
-
-		if (ls->watch)
-			l->core->watch_free(ls->watch);
-		if (ls->fd >= 0)
-			close(ls->fd);
-		if (ls->spare >= 0)
-			close(ls->spare);
+	for (i = 0; l && i < l->n; i++) {
+		if (l->socks[i].watch)
+			l->core->watch_free(l->socks[i].watch);
+		if (l->socks[i].fd >= 0)
+			close(l->socks[i].fd);
+		if (l->socks[i].spare >= 0)
+			close(l->socks[i].spare);
 	}
-	free(l->pipeline);
+	if (l)
+		free(l->pipeline);
 	free(l);
 }
 
-static const char *tcp_listen_hint(int e)
-{
-	switch (e) {
-	case EADDRINUSE:
-		return "; another program or pipeline holds it: pick another port in From.Listen";
-	case EACCES:
-		return "; ports below 1024 need root or CAP_NET_BIND_SERVICE";
-	case EADDRNOTAVAIL:
-		return "; no local interface has that address";
-	default:
-		return "";
-	}
-}
-
+/* One listening socket per worker, all on the same port. Thread: control. */
 static int tcp_listen(const struct ezp_core *core, const struct ezp_listen_args *args,
 		      void **state, struct ezp_addr *bound, struct ezp_error *err)
 {
 	const struct tcp_conf *conf = args->config;
-	int one = 1, backlog, e;
+	int one = 1, backlog, e = ENOMEM;
 	struct tcp_listener *l;
 	struct ezp_addr addr;
 	char at[EZP_ADDR_STRLEN], buf[128];
 	unsigned i;
 
 	if (!conf || !conf->addr.len || !args->n_workers) {
-		tcp_seterr(err, EZP_ERR_INVAL, EZP_SIDE_CONFIG, "tcp: %s",
-			   args->n_workers ? "From needs a Listen address" : "no workers to listen on");
+		tcp_seterr(err, EZP_ERR_INVAL, EZP_SIDE_CONFIG, "tcp: %s", args->n_workers ?
+			   "From needs a Listen address" : "no workers to listen on");
 		return EZP_ERR_INVAL;
 	}
 	l = calloc(1, sizeof *l + args->n_workers * sizeof l->socks[0]);
@@ -993,11 +926,8 @@ static int tcp_listen(const struct ezp_core *core, const struct ezp_listen_args 
 	l->listener = args->listener;
 	l->nodelay = conf->nodelay;
 	l->n = args->n_workers;
-	for (i = 0; i < l->n; i++) {
-		l->socks[i].l = l;
-		l->socks[i].worker = args->workers[i];
-		l->socks[i].fd = l->socks[i].spare = -1;
-	}
+	for (i = 0; i < l->n; i++)
+		l->socks[i] = (struct tcp_lsock){l, args->workers[i], -1, -1, NULL};
 	backlog = conf->backlog > 0 ? (int)conf->backlog : 1024;
 	addr = conf->addr;
 	for (i = 0; i < l->n; i++) {
@@ -1010,7 +940,7 @@ static int tcp_listen(const struct ezp_core *core, const struct ezp_listen_args 
 		    bind(ls->fd, (const struct sockaddr *)&addr.ss, addr.len) < 0 ||
 		    listen(ls->fd, backlog) < 0)
 			goto fail_errno;
-		if (i == 0) { /* port 0: the rest bind the port the kernel chose */
+		if (i == 0) { /* port 0: the others bind the port the kernel chose */
 			addr.len = sizeof addr.ss;
 			if (getsockname(ls->fd, (struct sockaddr *)&addr.ss, &addr.len) < 0)
 				goto fail_errno;
@@ -1018,11 +948,9 @@ static int tcp_listen(const struct ezp_core *core, const struct ezp_listen_args 
 		ls->spare = open("/dev/null", O_RDONLY | O_CLOEXEC); /* best effort */
 	}
 	for (i = 0; i < l->n; i++) {
-		struct tcp_lsock *ls = &l->socks[i];
-
-		e = ENOMEM;
-		ls->watch = core->watch_add(ls->worker, ls->fd, EZP_WATCH_READ, tcp_on_accept, ls);
-		if (!ls->watch)
+		l->socks[i].watch = core->watch_add(l->socks[i].worker, l->socks[i].fd,
+						    EZP_WATCH_READ, tcp_on_accept, &l->socks[i]);
+		if (!l->socks[i].watch)
 			goto fail;
 	}
 	*state = l;
@@ -1034,7 +962,10 @@ fail_errno:
 fail:
 	core->addr_format(&addr, at, sizeof at);
 	tcp_seterr(err, EZP_ERR_IO, EZP_SIDE_CONFIG, "cannot listen on %s: %s%s", at,
-		   tcp_strerror(e, buf, sizeof buf), tcp_listen_hint(e));
+		   tcp_strerror(e, buf, sizeof buf),
+		   e == EADDRINUSE ? "; something else uses it: pick another port in From.Listen"
+		   : e == EACCES ? "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+		   : e == EADDRNOTAVAIL ? "; no local interface has that address" : "");
 	tcp_unlisten(l);
 	return EZP_ERR_IO;
 }
@@ -1050,11 +981,11 @@ static int tcp_connect_address(const void *config, struct ezp_addr *out)
 	return EZP_OK;
 }
 
-/* ---- the descriptor ------------------------------------------------------- */
+/* ---- the descriptor ----------------------------------------------------- */
 
 static const struct ezp_param tcp_listen_params[] = {
 	{.key = "Listen", .type = EZP_PARAM_ADDR, .offset = offsetof(struct tcp_conf, addr),
-	 .required = 1, .doc = "address to accept clients on, e.g. \"0.0.0.0:7000\" or \"[::]:7000\""},
+	 .required = 1, .doc = "where clients connect, e.g. \"0.0.0.0:7000\" or \"[::]:7000\""},
 	{.key = "Backlog", .type = EZP_PARAM_INT, .offset = offsetof(struct tcp_conf, backlog),
 	 .def = "1024", .min = 1, .max = 65535, .doc = "listen(2) queue length, per worker"},
 	{.key = "NoDelay", .type = EZP_PARAM_BOOL, .offset = offsetof(struct tcp_conf, nodelay),

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -101,6 +102,7 @@ struct udp_sock {
 	unsigned events;
 	struct ezp_timer *sweep; /* expires forwards */
 	unsigned users;          /* listener + client legs + pending defers */
+	uint32_t seed;           /* map hash seed: clients choose the keys */
 	int torn;                /* resources released; the shell lives on with g */
 	struct udp_map map;
 	struct udp_out out;
@@ -229,10 +231,10 @@ static int udp_addr_for(const struct ezp_addr *a, int family, struct ezp_addr *o
 	return 0;
 }
 
-static uint32_t udp_addr_hash(const struct ezp_addr *a)
+static uint32_t udp_addr_hash(const struct ezp_addr *a, uint32_t seed)
 {
 	const uint8_t *p = (const uint8_t *)&a->ss;
-	uint32_t h = 2166136261u;
+	uint32_t h = 2166136261u ^ seed;
 	socklen_t i;
 
 	for (i = 0; i < a->len; i++)
@@ -653,7 +655,7 @@ static void udp_sock_input(struct udp_sock *s, const struct ezp_addr *peer, cons
 {
 	const struct ezp_core *core = s->core;
 	struct udp_group *g = s->g;
-	uint32_t h = udp_addr_hash(peer);
+	uint32_t h = udp_addr_hash(peer, s->seed);
 	struct udp_entry *e = udp_map_find(&s->map, peer, h);
 	struct udp_sock *to;
 	struct ezp_accept a;
@@ -839,6 +841,7 @@ static void udp_leg_io(int fd, unsigned events, void *arg)
 	char text[EZP_ADDR_STRLEN], msg[EZP_ADDR_STRLEN + 64];
 	int round, n, i;
 
+	(void)fd; /* l->fd: a repoint from inside leg_recv swaps the socket */
 	l->busy++;
 	if (events & EZP_WATCH_WRITE)
 		udp_leg_flush(l);
@@ -846,7 +849,7 @@ static void udp_leg_io(int fd, unsigned events, void *arg)
 	     round++) {
 		uint64_t now, ts;
 
-		n = udp_io_recv(&l->io, fd);
+		n = udp_io_recv(&l->io, l->fd);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && (errno == ECONNREFUSED || errno == EHOSTUNREACH ||
@@ -886,14 +889,17 @@ static void udp_leg_io(int fd, unsigned events, void *arg)
 	udp_leg_unbusy(l);
 }
 
-/* A non-blocking socket connected to @to; bound first (SO_REUSEPORT) to @bind if given. */
-static int udp_open_connected(const struct ezp_addr *to, const struct ezp_addr *bind_to)
+/*
+ * A non-blocking UDP socket bound (SO_REUSEPORT) to @bind_to and/or connected
+ * to @peer. Returns the fd, or -1 with errno.
+ */
+static int udp_socket(const struct ezp_addr *bind_to, const struct ezp_addr *peer)
 {
+	const struct ezp_addr *a = bind_to ? bind_to : peer;
 	int fd, one = 1, size = UDP_SOCKBUF, e;
 	char c;
 
-	fd = socket(to->ss.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0)
+	if ((fd = socket(a->ss.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0)
 		return -1;
 	(void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
 	(void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
@@ -901,10 +907,10 @@ static int udp_open_connected(const struct ezp_addr *to, const struct ezp_addr *
 			setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) ||
 			bind(fd, (const struct sockaddr *)&bind_to->ss, bind_to->len)))
 		goto fail;
-	if (connect(fd, (const struct sockaddr *)&to->ss, to->len))
+	if (peer && connect(fd, (const struct sockaddr *)&peer->ss, peer->len))
 		goto fail;
 	/* Bound before connected: drop what other clients sent in between. */
-	while (bind_to && recv(fd, &c, 1, MSG_DONTWAIT | MSG_TRUNC) >= 0)
+	while (bind_to && peer && recv(fd, &c, 1, MSG_DONTWAIT | MSG_TRUNC) >= 0)
 		;
 	return fd;
 fail:
@@ -923,7 +929,7 @@ static void udp_leg_move_off(struct udp_leg *l)
 	int fd = -1;
 
 	if (udp_io_init(&l->io, s->io.batch, 0) ||
-	    (fd = udp_open_connected(&l->ent.addr, &s->g->bound)) < 0)
+	    (fd = udp_socket(&s->g->bound, &l->ent.addr)) < 0)
 		goto fail;
 	l->events = EZP_WATCH_READ;
 	if (!(l->watch = core->watch_add(l->worker, fd, l->events, udp_leg_io, l)))
@@ -966,26 +972,6 @@ static void udp_sock_release(void *arg)
 }
 
 /* ---- transport ops ---------------------------------------------------------- */
-
-static int udp_open_bound(const struct ezp_addr *a)
-{
-	int fd, one = 1, size = UDP_SOCKBUF, e;
-
-	fd = socket(a->ss.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return -1;
-	(void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
-	(void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
-	    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) ||
-	    bind(fd, (const struct sockaddr *)&a->ss, a->len)) {
-		e = errno;
-		close(fd);
-		errno = e;
-		return -1;
-	}
-	return fd;
-}
 
 static void udp_unlisten(void *state)
 {
@@ -1045,9 +1031,11 @@ static int udp_listen(const struct ezp_core *core, const struct ezp_listen_args 
 		s->worker = args->workers[i];
 		s->users = 1;
 		s->fd = -1;
+		if (getrandom(&s->seed, sizeof(s->seed), GRND_NONBLOCK) != sizeof(s->seed))
+			s->seed = (uint32_t)(uintptr_t)s ^ (uint32_t)udp_now_ms();
 		if (udp_io_init(&s->io, udp_batch(cfg->batch), 1))
 			goto fail;
-		if ((s->fd = udp_open_bound(&addr)) < 0) {
+		if ((s->fd = udp_socket(&addr, NULL)) < 0) {
 			rc = udp_fail(err, EZP_ERR_IO, EZP_SIDE_CONFIG, "cannot listen on udp %s: %s",
 				      text, strerror(errno));
 			goto fail;
@@ -1111,7 +1099,7 @@ static int udp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 		errno = EAFNOSUPPORT;
 		l->fd = -1;
 	} else {
-		l->fd = udp_open_connected(&l->ent.addr, NULL);
+		l->fd = udp_socket(NULL, &l->ent.addr);
 	}
 	if (l->fd < 0 || !(l->watch = core->watch_add(args->worker, l->fd, l->events,
 						       udp_leg_io, l))) {
@@ -1170,26 +1158,27 @@ static int udp_send(struct ezp_leg *leg, void *state, struct ezp_packet *pkt)
 	return EZP_OK;
 }
 
-static void udp_pause(struct ezp_leg *leg, void *state)
+/* Server legs stop reading; client legs only note it (datagrams keep coming). */
+static void udp_set_paused(void *state, int on)
 {
 	struct udp_leg *l = state;
 
-	(void)leg;
 	if (l) {
-		l->paused = 1;
+		l->paused = on;
 		udp_leg_events(l);
 	}
 }
 
+static void udp_pause(struct ezp_leg *leg, void *state)
+{
+	(void)leg;
+	udp_set_paused(state, 1);
+}
+
 static void udp_resume(struct ezp_leg *leg, void *state)
 {
-	struct udp_leg *l = state;
-
 	(void)leg;
-	if (l) {
-		l->paused = 0;
-		udp_leg_events(l);
-	}
+	udp_set_paused(state, 0);
 }
 
 static void udp_shutdown_write(struct ezp_leg *leg, void *state)
@@ -1247,7 +1236,7 @@ static int udp_repoint(struct ezp_leg *leg, void *state, const struct ezp_addr *
 		if (udp_addr_for(addr, s->g->bound.ss.ss_family, &to))
 			return udp_fail(err, EZP_ERR_INVAL, EZP_SIDE_CLIENT, "cannot repoint to %s: "
 					"the udp listener cannot reach that address family", text);
-		e = udp_map_find(&s->map, &to, udp_addr_hash(&to));
+		e = udp_map_find(&s->map, &to, udp_addr_hash(&to, s->seed));
 		if (e && e->leg && e->leg != l)
 			return udp_fail(err, EZP_ERR_EXISTS, EZP_SIDE_CLIENT, "cannot repoint to %s: "
 					"another session has that client address", text);
@@ -1257,7 +1246,7 @@ static int udp_repoint(struct ezp_leg *leg, void *state, const struct ezp_addr *
 		}
 		udp_map_del(&s->map, &l->ent);
 		l->ent.addr = to;
-		l->ent.hash = udp_addr_hash(&to);
+		l->ent.hash = udp_addr_hash(&to, s->seed);
 		udp_map_add(&s->map, &l->ent); /* cannot fail: the table exists */
 		return EZP_OK;
 	}
@@ -1265,7 +1254,7 @@ static int udp_repoint(struct ezp_leg *leg, void *state, const struct ezp_addr *
 	if (udp_addr_for(addr, l->bind.len ? l->bind.ss.ss_family : addr->ss.ss_family, &to))
 		return udp_fail(err, EZP_ERR_INVAL, EZP_SIDE_SERVER, "cannot repoint to %s: "
 				"not an IPv4 or IPv6 address", text);
-	if ((fd = udp_open_connected(&to, l->bind.len ? &l->bind : NULL)) < 0)
+	if ((fd = udp_socket(l->bind.len ? &l->bind : NULL, &to)) < 0)
 		return udp_fail(err, EZP_ERR_IO, l->client ? EZP_SIDE_CLIENT : EZP_SIDE_SERVER,
 				"connect to %s: %s", text, strerror(errno));
 	if (!(w = l->core->watch_add(l->worker, fd, l->events, udp_leg_io, l))) {
