@@ -447,7 +447,7 @@ static void close_sessions_worker(struct ezp_worker *w, void *arg)
 	for (s = TAILQ_FIRST(&w->sessions); s; s = next) {
 		next = TAILQ_NEXT(s, link);
 		if (!p || s->p == p)
-			ezp__session_close(s, EZP_CLOSE_SHUTDOWN, p ? "pipeline removed" : "shutdown");
+			ezp__session_close(s, EZP_CLOSE_SHUTDOWN, p ? "pipeline removed" : "");
 	}
 }
 

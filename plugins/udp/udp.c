@@ -6,6 +6,9 @@
  * a map client address -> client leg (or -> "forward to the worker that owns
  * this client's session"). To: one connected socket per server leg. Datagrams
  * are read with recvmmsg and written with sendmmsg, `Batch` at a time.
+ * unlisten moves each live client leg onto its own socket bound to the listen
+ * address and connected to the client, so its session goes on while the
+ * port is rebound; a leg that cannot move keeps its worker socket open.
  *
  * Threads: udp_listen/udp_unlisten run on the control thread and touch only a
  * group's immutable fields, its atomic `listening` flag and its atomic
@@ -39,6 +42,7 @@
 		if ((core)->log_enabled(EZP_LOG_DEBUG))                        \
 			(core)->log(EZP_LOG_DEBUG, UDP_SRC, __VA_ARGS__);     \
 	} while (0)
+
 
 /* Both configs start with `batch`: connect() may get either (client dials). */
 struct udp_from {
@@ -171,6 +175,13 @@ __attribute__((format(printf, 4, 5))) static int udp_fail(struct ezp_error *err,
 	vsnprintf(err->message, sizeof(err->message), fmt, ap);
 	va_end(ap);
 	return code;
+}
+
+/* Count an event; true on the 1st, 2nd, 4th, 8th... so floods never flood the log. */
+static int udp_count(uint64_t *n)
+{
+	++*n;
+	return (*n & (*n - 1)) == 0;
 }
 
 static unsigned udp_batch(int64_t b)
@@ -453,10 +464,10 @@ static void udp_out_flush(const struct ezp_core *core, struct udp_out *o, struct
 			return;
 		}
 		if (r < 0) {
-			o->dropped++;
-			UDP_DEBUG(core, "dropped a datagram of %zu bytes: %s (%llu dropped)",
-				  o->q[o->head].pkt->len, strerror(errno),
-				  (unsigned long long)o->dropped);
+			if (udp_count(&o->dropped))
+				UDP_DEBUG(core, "dropped a datagram of %zu bytes: %s (%llu dropped)",
+					  o->q[o->head].pkt->len, strerror(errno),
+					  (unsigned long long)o->dropped);
 			r = 1;
 		}
 		for (i = 0; i < (unsigned)r; i++) {
@@ -741,11 +752,11 @@ static void udp_sock_io(int fd, unsigned events, void *arg)
 			if (udp_addr_norm(h->msg_name, h->msg_namelen, &peer))
 				continue;
 			if (h->msg_flags & MSG_TRUNC) {
-				s->truncated++;
-				UDP_DEBUG(core, "pipeline %s: dropped a datagram over %d bytes from %s "
-						"(%llu dropped)", s->g->pipeline, UDP_DGRAM_MAX,
-					  core->addr_format(&peer, text, sizeof(text)),
-					  (unsigned long long)s->truncated);
+				if (udp_count(&s->truncated))
+					UDP_DEBUG(core, "pipeline %s: dropped a datagram over %d bytes "
+						  "from %s (%llu dropped)", s->g->pipeline, UDP_DGRAM_MAX,
+						  core->addr_format(&peer, text, sizeof(text)),
+						  (unsigned long long)s->truncated);
 				continue;
 			}
 			udp_sock_input(s, &peer, h->msg_iov->iov_base, s->io.msgs[i].msg_len, 0,
@@ -855,10 +866,10 @@ static void udp_leg_io(int fd, unsigned events, void *arg)
 		if (n < 0 && (errno == ECONNREFUSED || errno == EHOSTUNREACH ||
 			      errno == ENETUNREACH || errno == EHOSTDOWN || errno == ENOPROTOOPT)) {
 			/* ICMP: the peer may come back; the session stays. */
-			l->unreachable++;
-			UDP_DEBUG(core, "%s: %s (%llu times); still forwarding",
-				  core->addr_format(&l->ent.addr, text, sizeof(text)),
-				  strerror(errno), (unsigned long long)l->unreachable);
+			if (udp_count(&l->unreachable))
+				UDP_DEBUG(core, "%s: %s (%llu times); still forwarding",
+					  core->addr_format(&l->ent.addr, text, sizeof(text)),
+					  strerror(errno), (unsigned long long)l->unreachable);
 			continue;
 		}
 		if (n < 0) {
@@ -874,11 +885,11 @@ static void udp_leg_io(int fd, unsigned events, void *arg)
 		ts = core->now_us();
 		for (i = 0; i < n && !l->closed; i++) {
 			if (l->io.msgs[i].msg_hdr.msg_flags & MSG_TRUNC) {
-				l->truncated++;
-				UDP_DEBUG(core, "dropped a datagram over %d bytes from %s "
-						"(%llu dropped)", UDP_DGRAM_MAX,
-					  core->addr_format(&l->ent.addr, text, sizeof(text)),
-					  (unsigned long long)l->truncated);
+				if (udp_count(&l->truncated))
+					UDP_DEBUG(core, "dropped a datagram over %d bytes from %s "
+						  "(%llu dropped)", UDP_DGRAM_MAX,
+						  core->addr_format(&l->ent.addr, text, sizeof(text)),
+						  (unsigned long long)l->truncated);
 				continue;
 			}
 			udp_deliver(l, l->io.iov[i].iov_base, l->io.msgs[i].msg_len, now, ts);
@@ -1132,9 +1143,10 @@ static int udp_send(struct ezp_leg *leg, void *state, struct ezp_packet *pkt)
 		l->last_ms = udp_now_ms();
 	o = l->sock ? &l->sock->out : &l->out;
 	if (udp_out_push(o, pkt, l->sock ? l : NULL)) {
-		o->dropped++;
-		UDP_DEBUG(l->core, "dropped a datagram of %zu bytes: %u queued (%llu dropped)",
-			  pkt->len, o->len, (unsigned long long)o->dropped);
+		if (udp_count(&o->dropped))
+			UDP_DEBUG(l->core, "dropped a datagram of %zu bytes: %u queued "
+				  "(%llu dropped)", pkt->len, o->len,
+				  (unsigned long long)o->dropped);
 		l->core->packet_unref(pkt);
 		return EZP_OK;
 	}

@@ -280,12 +280,15 @@ class HashSink(_TcpServer):
     reply_len bytes of pattern(seed): while receiving (mode 'concurrent'),
     after the client's EOF (mode 'after_eof'), or right after the header and
     then shutdown(SHUT_WR) before reading on (mode 'reply_first'); then it closes.
+    gates: {seed: threading.Event}: such a connection reads nothing after its
+    header until the event is set (a stalled server, for backpressure tests).
     self.records: one dict per finished connection."""
 
     HEADER = struct.Struct('!QQ')
 
-    def __init__(self, port=0, mode='concurrent'):
+    def __init__(self, port=0, mode='concurrent', gates=None):
         self.mode = mode
+        self.gates = gates or {}  # seed -> Event: read nothing after the header until set
         self.records = []
         super().__init__(port)
 
@@ -317,6 +320,9 @@ class HashSink(_TcpServer):
             seed, reply_len = self.HEADER.unpack(hdr)
             rec['seed'], rec['reply_len'] = seed, reply_len
             sender = None
+            gate = self.gates.get(seed)
+            if gate is not None:
+                rec['gate_opened'] = gate.wait(120)
             if self.mode == 'reply_first':
                 self._send_pattern(conn, seed, reply_len, rec)
                 conn.shutdown(socket.SHUT_WR)
@@ -693,3 +699,12 @@ class LogOnFailure:
                     cmd = ' '.join(getattr(d, 'cmd', []) or ['(not started)'])
                     sys.stderr.write('\n[%s] daemon: %s exit=%r\n%s\n'
                                      % (self.id(), cmd, d.rc, d.tail(200)))
+
+
+def rss_kib(pid):
+    """Resident set size of a process in KiB (Linux /proc)."""
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    return 0
