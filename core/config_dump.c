@@ -170,7 +170,8 @@ static void put_kind(struct out *o, const struct ezp__kind_conf *kc, int ind)
 		}
 		put(o, "\n", 1);
 		indent(o, ind + 2);
-		putf(o, "%s: ", p->key);
+		put(o, p->key, strlen(p->key));
+		put(o, ": ", 2);
 		written++;
 		switch (p->type) {
 		case EZP_PARAM_STRING: put_str(o, s); break;

@@ -6,7 +6,6 @@
  */
 #include <arpa/inet.h>
 #include <ctype.h>
-#include <errno.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <stdarg.h>
@@ -207,10 +206,9 @@ int ezp__conv_double(struct ezp__pctx *c, const struct ezp__pval *v, const char 
 
 	if (rc)
 		return rc;
-	errno = 0;
-	d = strtod(v->text, &end);
+	d = strtod(v->text, &end); /* underflow to a tiny or zero value is fine */
 	if (!v->len || isspace((unsigned char)v->text[0]) || *end || end == v->text ||
-	    !isfinite(d) || errno == ERANGE)
+	    !isfinite(d))
 		return ezp__perr(c, v->line, v->column,
 				 "%s: '%s' is not a finite number (e.g. 0.5 or 10)", what,
 				 ezp__show(show, sizeof(show), v->text, v->len));

@@ -137,6 +137,10 @@ int ezp_daemon_start(struct ezp_daemon *dd, struct ezp_error *err)
 	}
 	d->started = true;
 	d->started_us = ezp__now_us();
+	if (d->cfg->api.enabled && !ezp__registry_service(d, "http-api"))
+		ezp__log(EZP_LOG_WARN, "daemon", "Api is configured (%s) but no loaded plugin provides "
+			 "the 'http-api' service: the API is not available",
+			 d->cfg->api.listen ? d->cfg->api.listen : "127.0.0.1:8080");
 	ezp__log(EZP_LOG_INFO, "daemon", "ezproxy running: %u worker(s), %s", d->n_workers,
 		 d->cfg->file);
 	return EZP_OK;

@@ -13,7 +13,12 @@ cleanup() {
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-export PKG_CONFIG_PATH="$build/meson-uninstalled${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+# install into a staging folder, as a plugin author's machine would have it
+meson install -C "$build" --destdir "$tmp/stage" --no-rebuild --quiet >/dev/null
+pc=$(find "$tmp/stage" -name ezproxy-sdk.pc | head -n 1)
+[ -n "$pc" ] || { echo "ezproxy-sdk.pc was not installed"; exit 1; }
+export PKG_CONFIG_PATH="$(dirname "$pc")"
+export PKG_CONFIG_SYSROOT_DIR="$tmp/stage"
 flags=$(pkg-config --cflags --libs ezproxy-sdk)
 echo "pkg-config ezproxy-sdk: $flags"
 cc -std=c11 -Wall -Wextra -Werror -shared -fPIC -o "$tmp/prefix_drop.so" \
@@ -50,6 +55,7 @@ Pipelines:
       - prefix-drop: {Prefix: "BAD"}
     To: {udp: {Connect: "127.0.0.1:$port"}}
 YAML
+: > "$tmp/ez.log"
 "$build/ezproxy" run -c "$tmp/ez.yaml" 2>"$tmp/ez.log" &
 ez_pid=$!
 for _ in $(seq 100); do grep -q "pipeline 'ex'" "$tmp/ez.log" && break; sleep 0.05; done

@@ -80,7 +80,6 @@ struct tcp_leg { /* a leg's state (leg_set_state) */
 	struct ezp_watch *watch;
 	unsigned events;            /* what the watch is set to */
 	struct ezp_timer *timer;    /* connect timeout */
-	char addr[EZP_ADDR_STRLEN]; /* dialled address, for messages */
 	struct ezp_packet **q;      /* out queue: a ring of q_cap (a power of two) */
 	size_t q_cap, q_head, q_n;
 	size_t q_off;               /* bytes of the head packet already written */
@@ -445,19 +444,22 @@ static int tcp_pump(struct tcp_leg *s, struct tcp_leg *d)
 	}
 }
 
-/* The connect finished (@e = 0) or failed; tell the core once. Thread: worker. */
+/*
+ * The connect finished (@e = 0) or failed; tell the core once. The message is
+ * only the reason ("Connection refused"): the core adds "connect to ADDR".
+ * Thread: worker.
+ */
 static void tcp_connect_done(struct tcp_leg *t, int e)
 {
-	char buf[128], msg[EZP_ADDR_STRLEN + 160];
+	char buf[128];
 
 	t->connecting = 0;
 	t->core->timer_stop(t->timer);
 	if (e) {
 		t->dead = 1;
 		tcp_update_watch(t);
-		snprintf(msg, sizeof msg, "connect to %s: %s", t->addr,
-			 tcp_strerror(e, buf, sizeof buf));
-		t->core->leg_connected(t->leg, e == ETIMEDOUT ? EZP_ERR_TIMEOUT : EZP_ERR_IO, msg);
+		t->core->leg_connected(t->leg, e == ETIMEDOUT ? EZP_ERR_TIMEOUT : EZP_ERR_IO,
+				       tcp_strerror(e, buf, sizeof buf));
 		return;
 	}
 	t->connected = 1;
@@ -708,7 +710,7 @@ static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 	uint64_t ms = TCP_TIMEOUT_MS;
 	int one = 1, e = ENOMEM, rc;
 	struct tcp_leg *t;
-	char buf[128];
+	char buf[128], at[EZP_ADDR_STRLEN];
 
 	if (!args->addr || !args->addr->len) {
 		tcp_seterr(err, EZP_ERR_INVAL, EZP_SIDE_INTERNAL, "tcp: no address to connect to");
@@ -721,7 +723,6 @@ static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 		return EZP_ERR_NOMEM;
 	}
 	t->leg = args->leg;
-	core->addr_format(args->addr, t->addr, sizeof t->addr);
 	t->fd = socket(args->addr->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (t->fd < 0)
 		goto fail_errno;
@@ -749,7 +750,8 @@ fail_errno:
 	e = errno;
 fail:
 	tcp_seterr(err, e == ENOMEM ? EZP_ERR_NOMEM : EZP_ERR_IO, EZP_SIDE_SERVER,
-		   "connect to %s: %s", t->addr, tcp_strerror(e, buf, sizeof buf));
+		   "connect to %s: %s", core->addr_format(args->addr, at, sizeof at),
+		   tcp_strerror(e, buf, sizeof buf));
 	tcp_release(t);
 	free(t);
 	return e == ENOMEM ? EZP_ERR_NOMEM : EZP_ERR_IO;

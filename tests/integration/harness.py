@@ -604,6 +604,8 @@ class Daemon:
         return self.rc
 
     def stop_and_check(self, timeout=10.0):
+        if self.proc is None:
+            return  # never started: the start error is the failure
         rc = self.stop(timeout)
         if rc != 0:
             raise DaemonError('daemon exit status %r, expected 0\n%s' % (rc, self.tail()))

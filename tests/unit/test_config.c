@@ -454,6 +454,15 @@ static void test_defaults(void **state)
 	assert_int_equal(cfg->api.enabled, 1); /* Api given (empty): on, with defaults */
 	assert_int_equal(cfg->workers, 0);
 	ezp__config_free(cfg);
+	cfg = parse_ok("Api: { Tls: ~, Origin: ~ }\nLogging:\nLimits: {}\n"
+		       "Pipelines:\n  - { Name: x.y_z-1, From: { tcp: { Listen: ':1' } }, To: { sink: {} },"
+		       " Through: ~, Shared: ~, Limits: ~ }\n");
+	assert_null(cfg->api.tls_cert);
+	assert_null(cfg->api.origin);
+	assert_int_equal(cfg->pipelines[0].n_through, 0);
+	assert_int_equal(cfg->pipelines[0].shared, 0);
+	assert_int_equal(cfg->pipelines[0].limits.max_sessions, 10000);
+	ezp__config_free(cfg);
 	cfg = parse_ok("Api: { Enable: false, Listen: localhost:81 }\nPlugins: { Path: one }\n");
 	assert_int_equal(cfg->api.enabled, 0);
 	assert_string_equal(cfg->api.listen, "127.0.0.1:81");
@@ -1038,6 +1047,42 @@ static void test_kind_conf_parse(void **state)
 	assert_int_equal(kc.line, 0x5a5a5a5a);
 }
 
+static void test_through_parse(void **state)
+{
+	struct ezp__kind_conf *items = (struct ezp__kind_conf *)0x1;
+	struct ezp_error err;
+	size_t n = 77;
+
+	(void)state;
+	assert_int_equal(ezp__through_parse("- lua: { Script: a.lua }\n- count:\n", &lk, &items, &n,
+					    &err), EZP_OK);
+	assert_int_equal(n, 2);
+	assert_string_equal(((const struct lua_conf *)items[0].config)->script, "a.lua");
+	assert_ptr_equal(items[1].filter, &count_kind);
+	for (size_t i = 0; i < n; i++)
+		ezp__kind_conf_clear(&items[i]);
+	free(items);
+	for (int i = 0; i < 3; i++) {
+		static const char *const empty[] = {"", "~", "[]"};
+		n = 77;
+		assert_int_equal(ezp__through_parse(empty[i], &lk, &items, &n, &err), EZP_OK);
+		assert_int_equal(n, 0);
+		free(items);
+	}
+	items = (struct ezp__kind_conf *)0x1;
+	n = 77;
+	assert_int_equal(ezp__through_parse("- count:\n- lua: { Scrip: x }\n", &lk, &items, &n,
+					    &err), EZP_ERR_CONFIG);
+	assert_string_equal(err.message, "unknown key 'Scrip' in Through[1].lua (expected one of: "
+			    "Script, Mode, HoldWindow, HoldTimeoutMs, Default, AllLegs)");
+	assert_int_equal(err.line, 2);
+	assert_int_equal(err.column, 10);
+	assert_int_equal(ezp__through_parse("{ lua: {} }", &lk, &items, &n, &err), EZP_ERR_CONFIG);
+	assert_non_null(strstr(err.message, "must be a list of filter items"));
+	assert_ptr_equal(items, (struct ezp__kind_conf *)0x1);
+	assert_int_equal(n, 77);
+}
+
 static void test_equal_copy(void **state)
 {
 	struct ezp__config *a = parse_ok(full_yaml), *b;
@@ -1176,6 +1221,15 @@ static void test_dump(void **state)
 	assert_non_null(strstr(text, "Workers: auto\n"));
 	assert_non_null(strstr(text, "Pipelines:\n  - Name: \"x\"\n"));
 	free(text);
+	ezp__config_free(cfg);
+
+	cfg = parse_ok("Pipelines:\n  - Name: d\n    From: { tcp: { Listen: ':1' } }\n"
+		       "    Through:\n      - fault: { Loss: 0x1p-1074 }\n      - fault: { Loss: -0.0 }\n"
+		       "      - fault: { Loss: 0.1 }\n      - fault: { Loss: 1e308 }\n"
+		       "      - fault: { Loss: 4.9406564584124654e-324 }\n"
+		       "    To: { sink: }\n");
+	assert_true(((const struct fault_conf *)cfg->pipelines[0].through[0].config)->loss > 0);
+	round_trip(cfg); /* doubles come back exactly */
 	ezp__config_free(cfg);
 
 	cfg = parse_ok("Pipelines: []\n");
@@ -1344,6 +1398,7 @@ int main(void)
 		cmocka_unit_test_setup(test_legacy_lua, setup),
 		cmocka_unit_test_setup(test_legacy_errors, setup),
 		cmocka_unit_test_setup(test_kind_conf_parse, setup),
+		cmocka_unit_test_setup(test_through_parse, setup),
 		cmocka_unit_test_setup(test_equal_copy, setup),
 		cmocka_unit_test_setup(test_params_defaults, setup),
 		cmocka_unit_test_setup(test_dump, setup),
