@@ -407,8 +407,8 @@ class Bench:
     # ---- backends ------------------------------------------------------------------
     def start_backends(self):
         """Unpinned sink/echo for throughput, pinned echo servers for round trips."""
-        def srv(name, sub, proto, port, pin=None):
-            p = self.procs.start([str(self.load), sub, f"--{proto}", str(port)], name, pin=pin,
+        def srv(name, sub, proto, port, pin=None, extra=()):
+            p = self.procs.start([str(self.load), sub, f"--{proto}", str(port), *extra], name, pin=pin,
                                  stdout=subprocess.PIPE, stdin=subprocess.PIPE)
             line = read_line(p, 10)
             return json.loads(line)["port"]
@@ -416,6 +416,8 @@ class Bench:
         self.backends["sink"] = srv("sink", "sink", "tcp", 0)
         self.backends["echo_tcp"] = srv("echo-tcp", "echo", "tcp", 0)
         self.backends["echo_udp"] = srv("echo-udp", "echo", "udp", 0)
+        # for connections/s: echoes 1 byte, then the server closes first
+        self.backends["echo_tcp_close"] = srv("echo-tcp-close", "echo", "tcp", 0, extra=("--close-after", "1"))
         self.backends["echo_tcp_pinned"] = srv("echo-tcp-pinned", "echo", "tcp", 0, self.pin)
         self.backends["echo_udp_pinned"] = srv("echo-udp-pinned", "echo", "udp", 0, self.pin)
         vlog(f"  backends: {self.backends}")
@@ -610,7 +612,7 @@ stream {{
             self.stop_proxy(ps)
 
     def m_cps(self, cfg: str) -> dict:
-        port, ps = self.start_proxy(cfg, "tcp", self.backends["echo_tcp"], pinned=False)
+        port, ps = self.start_proxy(cfg, "tcp", self.backends["echo_tcp_close"], pinned=False)
         try:
             r = self.run_load(["connrate", "--connect", f"127.0.0.1:{port}", "--seconds", str(self.cps_s),
                                "--concurrency", str(self.a.cps_concurrency)], timeout=self.cps_s + 30)

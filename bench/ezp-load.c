@@ -9,6 +9,8 @@
  *   ezp-load sink --tcp PORT              read and discard
  *   ezp-load echo --tcp PORT              echo every byte back
  *   ezp-load echo --udp PORT              echo every datagram back
+ *     echo --tcp also takes --close-after N: close a connection once N bytes
+ *     have been echoed (the server closes first, for connrate).
  *     Servers exit when stdin reaches EOF, on SIGTERM/SIGINT, or after
  *     --lifetime S seconds (default 3600).
  *
@@ -16,7 +18,7 @@
  *   ezp-load bulk --connect ADDR --streams N --seconds S
  *   ezp-load rr --tcp|--udp --connect ADDR --count N [--size 64] [--warmup 1000]
  *   ezp-load udprate --connect ADDR --rate PPS --seconds S [--size 64]
- *   ezp-load connrate --connect ADDR --seconds S --concurrency C
+ *   ezp-load connrate --connect ADDR --seconds S --concurrency C [--close server|client]
  *   ezp-load idle --connect ADDR --count N [--no-ping] [--max-seconds S]
  *
  * Every loop is bounded by a count and a deadline and stops by itself.
@@ -181,6 +183,8 @@ struct opts {
     int ping;
     double max_seconds;
     double lifetime;
+    long close_after; /* echo --tcp: close after echoing this many bytes */
+    int client_close; /* connrate: client closes first instead of waiting for EOF */
 };
 
 static void usage(void)
@@ -188,11 +192,11 @@ static void usage(void)
     fprintf(stderr,
             "usage:\n"
             "  ezp-load sink --tcp PORT [--lifetime S]\n"
-            "  ezp-load echo --tcp PORT | --udp PORT [--lifetime S]\n"
+            "  ezp-load echo --tcp PORT [--close-after N] | --udp PORT [--lifetime S]\n"
             "  ezp-load bulk --connect ADDR --streams N --seconds S\n"
             "  ezp-load rr --tcp|--udp --connect ADDR --count N [--size 64] [--warmup 1000] [--max-seconds S]\n"
             "  ezp-load udprate --connect ADDR --rate PPS --seconds S [--size 64]\n"
-            "  ezp-load connrate --connect ADDR --seconds S --concurrency C\n"
+            "  ezp-load connrate --connect ADDR --seconds S --concurrency C [--close server|client]\n"
             "  ezp-load idle --connect ADDR --count N [--no-ping] [--max-seconds S]\n");
     exit(2);
 }
@@ -265,6 +269,17 @@ static void parse_opts(int argc, char **argv, struct opts *o)
         } else if (!strcmp(a, "--max-seconds")) {
             NEEDV();
             o->max_seconds = atof(v);
+        } else if (!strcmp(a, "--close-after")) {
+            NEEDV();
+            o->close_after = atol(v);
+        } else if (!strcmp(a, "--close")) {
+            NEEDV();
+            if (!strcmp(v, "client"))
+                o->client_close = 1;
+            else if (!strcmp(v, "server"))
+                o->client_close = 0;
+            else
+                usage();
         } else if (!strcmp(a, "--lifetime")) {
             NEEDV();
             o->lifetime = atof(v);
@@ -352,6 +367,7 @@ struct ent {
     int fd;
     uint32_t events; /* current epoll interest */
     size_t off, len; /* pending echo bytes in buf[off..len) */
+    uint64_t echoed;
     char *buf;
 };
 
@@ -562,8 +578,13 @@ static int run_server(const struct opts *o)
                             break;
                         }
                         c->off += (size_t)w;
+                        c->echoed += (uint64_t)w;
                         if (c->off < c->len) {
                             want_out = 1;
+                            break;
+                        }
+                        if (o->close_after > 0 && c->echoed >= (uint64_t)o->close_after) {
+                            closed = 1; /* everything echoed: the server closes first */
                             break;
                         }
                     }
@@ -924,6 +945,7 @@ static int run_udprate(const struct opts *o)
 
 struct cr_thr {
     pthread_t th;
+    int client_close;
     struct sockaddr_in sa;
     uint64_t end;
     uint64_t ok, errors;
@@ -942,9 +964,24 @@ static void *cr_main(void *arg)
             sleep_ns(1000000);
             continue;
         }
-        char r;
-        if (write_all(fd, &b, 1) == 0 && read_all(fd, &r, 1) == 0) {
-            t->ok++;
+        char r[16];
+        if (write_all(fd, &b, 1) == 0 && read_all(fd, r, 1) == 0) {
+            if (t->client_close) {
+                t->ok++;
+            } else {
+                /* the server closes first (echo --close-after 1): wait for its
+                 * FIN so TIME_WAIT lands on the server side, not on our
+                 * ephemeral ports (which caps loopback at ~14k conn/s) */
+                ssize_t n;
+                while ((n = read(fd, r, sizeof r)) < 0 && errno == EINTR) {
+                }
+                if (n == 0) {
+                    t->ok++;
+                } else {
+                    t->errors++;
+                    t->last_err = n < 0 ? errno : EPROTO;
+                }
+            }
         } else {
             t->errors++;
             t->last_err = errno;
@@ -970,6 +1007,7 @@ static int run_connrate(const struct opts *o)
     for (int i = 0; i < o->concurrency; i++) {
         t[i].sa = sa;
         t[i].end = end;
+        t[i].client_close = o->client_close;
         if (pthread_create(&t[i].th, NULL, cr_main, &t[i]) != 0)
             die_json("pthread_create");
     }
@@ -984,8 +1022,9 @@ static int run_connrate(const struct opts *o)
     }
     double secs = (double)(now_ns() - start) / 1e9;
     printf("{\"cps\":%.0f,\"connections\":%" PRIu64 ",\"errors\":%" PRIu64
-           ",\"seconds\":%.3f,\"concurrency\":%d,\"last_error\":\"%s\"}\n",
-           (double)ok / secs, ok, errors, secs, o->concurrency, last_err ? strerror(last_err) : "");
+           ",\"seconds\":%.3f,\"concurrency\":%d,\"close\":\"%s\",\"last_error\":\"%s\"}\n",
+           (double)ok / secs, ok, errors, secs, o->concurrency, o->client_close ? "client" : "server",
+           last_err ? strerror(last_err) : "");
     free(t);
     return 0;
 }

@@ -130,6 +130,7 @@ int ezp_pipeline_swap_to(struct ezp_daemon *dd, const char *pipeline, const char
 	struct ezp__pipeline *p = find_pipeline(d, pipeline, err);
 	struct ezp__pipeline_conf *pc;
 	struct ezp__kind_conf kc, saved;
+	struct ezp_addr to;
 	struct ezp__kind_lookup lookup;
 	struct ezp__pipe_gen *g;
 	struct ezp_error tmp = {0};
@@ -157,9 +158,10 @@ int ezp_pipeline_swap_to(struct ezp_daemon *dd, const char *pipeline, const char
 		return rc;
 	}
 	ezp__kind_conf_clear(&saved);
+	to = g->to_addr;
 	ezp__pipeline_set_gen(p, g);
 	if (apply_to_existing)
-		ezp__pipeline_swap_existing(p, &g->to_addr);
+		ezp__pipeline_swap_existing(p, &to);
 	return EZP_OK;
 }
 

@@ -323,6 +323,7 @@ struct ezp_session {
 	uint64_t id;
 	struct ezp_worker *w;
 	struct ezp__pipeline *p;
+	struct ezp__pipe_gen *gen;     /* the generation it started with (ref): its legs' configs */
 	struct ezp__chain_def *chain;  /* the chain it runs (ref) */
 	uint64_t gen_no;               /* generation its chain came from */
 	struct ezp__chain_def *next_chain; /* waiting for a packet boundary */

@@ -371,8 +371,10 @@ int ezp_daemon_run_signals(struct ezp_daemon *dd, const char *config_path)
 				continue;
 			}
 			ezp__registry_lookup(d, &lookup);
+			cfg = NULL;
 			if (ezp__config_load(config_path, &lookup, &cfg, &err) != EZP_OK ||
 			    ezp__daemon_apply(d, cfg, &err) != EZP_OK) {
+				ezp__config_free(cfg);
 				if (err.line)
 					ezp__log(EZP_LOG_ERROR, "daemon",
 						 "reload refused, nothing changed: %s:%d:%d: %s",

@@ -46,12 +46,15 @@ struct ezp_session *ezp__session_new(struct ezp__pipeline *p, struct ezp_worker 
 	s->max_clients = (unsigned)g->limits.max_client_legs;
 	s->clients = calloc(s->max_clients, sizeof(*s->clients));
 	s->chain = ezp__chain_ref(g->chain);
+	s->gen = g;
+	atomic_fetch_add(&g->refs, 1);
 	s->gen_no = g->no;
 	s->transport = p->conf->from.kind;
 	s->server_addr = g->to_addr;
 	if (!s->clients || ezp__chain_init(s) != EZP_OK) {
 		ezp__chain_fini(s);
 		ezp__chain_unref(s->chain);
+		ezp__gen_unref(s->gen);
 		free(s->clients);
 		free(s);
 		return NULL;
@@ -186,7 +189,7 @@ void ezp__session_event(struct ezp_session *s, int event)
 /* Start a session whose first client leg is attached: connect the server. */
 void ezp__session_start(struct ezp_session *s)
 {
-	struct ezp__pipe_gen *g = ezp__pipeline_gen(s->p);
+	struct ezp__pipe_gen *g = s->gen;
 	struct ezp_connect_args args;
 	struct ezp_error err = {0};
 	int rc;
@@ -212,7 +215,6 @@ void ezp__session_start(struct ezp_session *s)
 		ezp__leg_connected(s->server, rc, err.message[0] ? err.message : ezp__status_str(rc));
 	ezp__session_update_pause(s);
 out:
-	ezp__gen_unref(g);
 	ezp__session_leave(s);
 }
 
@@ -718,6 +720,7 @@ static void session_teardown(struct ezp_session *s)
 	ezp__pipeline_session_closed(p, s);
 	ezp__chain_unref(s->chain);
 	ezp__chain_unref(s->next_chain);
+	ezp__gen_unref(s->gen);
 	free(s->clients);
 	free(s);
 }

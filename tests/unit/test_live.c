@@ -21,6 +21,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -115,7 +116,13 @@ struct ctx {
 	int n_taps;
 	struct tapc *gates[4]; /* blocking taps to open at teardown */
 	int n_gates;
+	struct holder *holders[4];
+	int n_holders;
+	struct tapc *tapcs[4];
+	int n_tapcs;
 };
+
+static const char *volatile current_test = "?";
 
 static struct ctx *T;
 
@@ -457,9 +464,11 @@ static void expect_dgram(int fd, const char *want, const char *what)
 	char buf[2048];
 	ssize_t n = recv_wait(fd, buf, sizeof(buf) - 1, WAIT_MS);
 
-	if (n < 0)
+	if (n < 0) {
 		fail_msg("%s: expected datagram '%s', got %s", what, want,
 			 n == -2 ? "nothing before the deadline" : strerror(errno));
+		return;
+	}
 	buf[n] = 0;
 	if ((size_t)n != strlen(want) || memcmp(buf, want, (size_t)n))
 		fail_msg("%s: expected datagram '%s', got '%s' (%zd bytes)", what, want, buf, n);
@@ -678,6 +687,7 @@ static struct holder *holder_new(void)
 	assert_non_null(h);
 	sync_init(&h->mu, &h->cv);
 	h->core = ezp_daemon_core(T->d);
+	T->holders[T->n_holders++] = h;
 	return h;
 }
 
@@ -844,6 +854,7 @@ static struct tapc *tapc_new(void)
 
 	assert_non_null(tc);
 	sync_init(&tc->mu, &tc->cv);
+	T->tapcs[T->n_tapcs++] = tc;
 	return tc;
 }
 
@@ -925,8 +936,23 @@ static struct tev tap_expect(struct tapc *tc, int type, int dir, const char *dat
 
 /* ---- setup and teardown ------------------------------------------------------------ */
 
+/* A test that hangs inside a blocking API call is reported by name, then aborted. */
+static void on_alarm(int sig)
+{
+	char msg[160];
+	int n = snprintf(msg, sizeof(msg), "test_live: %s hung for 100 s; aborting\n",
+			 current_test);
+
+	(void)sig;
+	if (write(2, msg, (size_t)n) < 0)
+		_exit(98);
+	abort();
+}
+
 static int setup(void **state)
 {
+	signal(SIGALRM, on_alarm);
+	alarm(100);
 	T = calloc(1, sizeof(*T));
 	if (!T)
 		return -1;
@@ -938,6 +964,7 @@ static int teardown(void **state)
 {
 	struct ctx *c = *state;
 
+	alarm(100);
 	for (int i = 0; i < c->n_gates; i++) { /* a blocked tap callback must not stall stop */
 		pthread_mutex_lock(&c->gates[i]->mu);
 		c->gates[i]->gate_open = 1;
@@ -953,16 +980,15 @@ static int teardown(void **state)
 		close(c->fds[i]);
 	for (int i = 0; i < c->n_srvs; i++)
 		srv_stop(c->srvs[i]);
+	for (int i = 0; i < c->n_holders; i++)
+		holder_free(c->holders[i]);
+	for (int i = 0; i < c->n_tapcs; i++)
+		tapc_free(c->tapcs[i]);
 	free(c);
 	T = NULL;
+	alarm(0);
 	return 0;
 }
-
-/* Tests own heap objects (holders, tap records) through these, freed at teardown too. */
-struct owned {
-	struct holder *h[4];
-	struct tapc *tc[4];
-};
 
 #define UDP_CALLBACK_PIPELINE(extra)                                                   \
 	"Pipelines:\n"                                                                 \
@@ -986,6 +1012,7 @@ static void test_verdicts_udp(void **state)
 	int c;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up(UDP_CALLBACK_PIPELINE(", HoldTimeoutMs: 10000"), echo->port);
 	h = holder_new();
 	claim(h, "p", "verdicts");
@@ -1011,8 +1038,6 @@ static void test_verdicts_udp(void **state)
 	s = session_of(c, "p");
 	assert_int_equal(s.dropped, 1);
 	assert_int_equal(s.replaced, 1);
-	release(T->claims[0]);
-	holder_free(h);
 }
 
 /* ---- 2. a hold keeps order --------------------------------------------------------- */
@@ -1025,6 +1050,7 @@ static void test_hold_keeps_order(void **state)
 	int c;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up(UDP_CALLBACK_PIPELINE(", HoldTimeoutMs: 20000"), echo->port);
 	h = holder_new();
 	claim(h, "p", "order");
@@ -1047,8 +1073,6 @@ static void test_hold_keeps_order(void **state)
 		snprintf(msg, sizeof(msg), "m%02d", i);
 		expect_dgram(c, msg, "the datagrams behind #1, in order");
 	}
-	release(T->claims[0]);
-	holder_free(h);
 }
 
 /* ---- 3. hold timeouts and the default action ------------------------------------- */
@@ -1061,6 +1085,7 @@ static void test_hold_timeout(void **state)
 	int cd, cp;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n"
 		  "  - Name: pd\n"
 		  "    From: {udp: {Listen: 127.0.0.1:0}}\n"
@@ -1094,9 +1119,6 @@ static void test_hold_timeout(void **state)
 		fail_msg("the held datagram came back after %llu ms, before HoldTimeoutMs 300",
 			 (unsigned long long)waited);
 	assert_int_equal(h->n_holds, 2);
-	release(T->claims[1]);
-	release(T->claims[0]);
-	holder_free(h);
 }
 
 /* ---- 4. the holder goes away ------------------------------------------------------- */
@@ -1112,6 +1134,7 @@ static void test_holder_goes_away(void **state)
 	int c, rc;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up(UDP_CALLBACK_PIPELINE(", HoldTimeoutMs: 30000, Default: pass"), echo->port);
 	h = holder_new();
 	h2 = holder_new();
@@ -1148,8 +1171,6 @@ static void test_holder_goes_away(void **state)
 	expect_dgram(c, "hold-d", "a datagram after the holder left");
 	send_dgram(c, "drop-e");
 	expect_dgram(c, "drop-e", "unclaimed filter passes everything");
-	holder_free(h2);
-	holder_free(h);
 }
 
 /* ---- 5. taps ------------------------------------------------------------------------ */
@@ -1182,6 +1203,7 @@ static void test_taps(void **state)
 	int c, c2, gap;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up(UDP_CALLBACK_PIPELINE(""), echo->port);
 	ctx = (struct ezp_core_ctx *)T->d;
 	h = holder_new();
@@ -1288,10 +1310,6 @@ static void test_taps(void **state)
 	if (missing != lc->lagged)
 		fail_msg("lag tap: %llu seq numbers missing but on_lagged reported %llu",
 			 (unsigned long long)missing, (unsigned long long)lc->lagged);
-	tapc_free(lc);
-	tapc_free(tc);
-	release(T->claims[0]);
-	holder_free(h);
 }
 
 /* ---- 6. inject --------------------------------------------------------------------- */
@@ -1306,6 +1324,7 @@ static void test_inject(void **state)
 	int c, rc;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Limits: {MaxInjectBytes: 1024}\nPipelines:\n" TCP_PIPELINE("p"), echo->port);
 	c = tcp_client(bound_port("p"));
 	tcp_roundtrip(c, "hi", "hi", "plain round trip");
@@ -1352,6 +1371,7 @@ static void test_close(void **state)
 	int c;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), echo->port);
 	c = tcp_client(bound_port("p"));
 	tcp_roundtrip(c, "hello", "hello", "round trip");
@@ -1383,6 +1403,7 @@ static void test_swap_pipeline_to(void **state)
 	int c1, c2, rc;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), a->port);
 	c1 = tcp_client(bound_port("p"));
 	tcp_roundtrip(c1, "x\n", "A:x\n", "before the swap");
@@ -1420,6 +1441,7 @@ static void test_swap_session_server(void **state)
 	int c, dead, rc;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), a->port);
 	c = tcp_client(bound_port("p"));
 	tcp_roundtrip(c, "1\n", "A:1\n", "before any swap");
@@ -1458,6 +1480,7 @@ static void test_swap_client_udp(void **state)
 	ssize_t n;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n"
 		  "  - Name: p\n"
 		  "    From: {udp: {Listen: 127.0.0.1:0}}\n"
@@ -1495,6 +1518,7 @@ static void test_dial_add_client(void **state)
 	int c, l, la, rc;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), echo->port);
 	c = tcp_client(bound_port("p"));
 	tcp_roundtrip(c, "hello", "hello", "round trip");
@@ -1564,9 +1588,10 @@ static void test_accept_add_client(void **state)
 	pthread_t th;
 	uint64_t end;
 	size_t n;
-	int c, c2, ok;
+	int c, c2 = -1, ok;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), echo->port);
 	c = tcp_client(bound_port("p"));
 	tcp_roundtrip(c, "one", "one", "round trip");
@@ -1618,6 +1643,7 @@ static void test_shared_pipeline(void **state)
 	int c1, c2;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p") "    Shared: true\n", echo->port);
 	c1 = tcp_client(bound_port("p"));
 	tcp_roundtrip(c1, "one", "one", "the first client");
@@ -1657,7 +1683,7 @@ struct stream {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
 	uint64_t sent_hash, recv_hash;
-	int sent_mib_x8; /* bytes received / 128 KiB, for waiting on progress */
+	int recv_128k; /* bytes echoed / 128 KiB, for waiting on progress */
 	size_t sent, received;
 	int64_t first_bad; /* offset of the first wrong byte, -1 none */
 	int w_err, r_err;  /* errno-ish; -2 = stalled */
@@ -1708,7 +1734,7 @@ static void *stream_reader(void *arg)
 		off += (size_t)n;
 		pthread_mutex_lock(&st->mu);
 		st->received = off;
-		st->sent_mib_x8 = (int)(off >> 17);
+		st->recv_128k = (int)(off >> 17);
 		pthread_cond_broadcast(&st->cv);
 		pthread_mutex_unlock(&st->mu);
 	}
@@ -1721,6 +1747,17 @@ static void *stream_reader(void *arg)
 	return NULL;
 }
 
+/* A holder that passes everything and counts the bytes it saw. Thread: worker. */
+static int count_on_packet(void *userdata, struct ezp_filter_call *call)
+{
+	struct holder *h = userdata;
+
+	pthread_mutex_lock(&h->mu);
+	h->seen += (int)call->pkt->len;
+	pthread_mutex_unlock(&h->mu);
+	return EZP_VERDICT_PASS;
+}
+
 static void test_filter_change_under_stream(void **state)
 {
 	struct srv *echo = srv_start(SRV_TCP_ECHO, NULL);
@@ -1729,9 +1766,13 @@ static void test_filter_change_under_stream(void **state)
 	struct stream st = {.first_bad = -1};
 	struct timeval tv = {10, 0};
 	pthread_t wt, rt;
-	int c, rc, changes = 0, at, stalled = 0;
+	int c, rc = EZP_OK, changes = 0, at, stalled = 0, full_path = 0, seen;
+	struct holder *h = NULL;
+	struct ezp_filter_holder fh;
+	struct ezp_claim *cl;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), echo->port);
 	c = tcp_client(bound_port("p"));
 	tcp_roundtrip(c, "warm-up", "warm-up", "round trip");
@@ -1747,7 +1788,7 @@ static void test_filter_change_under_stream(void **state)
 	assert_int_equal(pthread_create(&wt, NULL, stream_writer, &st), 0);
 	/* change the chain at several points of the stream (every 1 MiB echoed) */
 	for (at = 1; at <= 6; at++) {
-		if (!wait_at_least(&st.mu, &st.cv, &st.sent_mib_x8, at * 8, 10000)) {
+		if (!wait_at_least(&st.mu, &st.cv, &st.recv_128k, at * 8, 10000)) {
 			stalled = 1;
 			break;
 		}
@@ -1756,6 +1797,22 @@ static void test_filter_change_under_stream(void **state)
 		if (rc != EZP_OK)
 			break;
 		changes++;
+		if (at % 2) { /* a filter now: the session left the fast path at once */
+			struct ezp_session_summary *v;
+			size_t n = list_sessions("p", &v);
+			full_path += n == 1 && v[0].id == s.id && !v[0].bridged;
+			free(v);
+		}
+		if (at == 1) { /* the filter's claim slot exists now: count what it sees */
+			h = holder_new();
+			fh = holder_desc(h, "counter");
+			fh.on_packet = count_on_packet;
+			cl = NULL;
+			rc = ezp_filter_claim(T->d, "p", "callback:f", &fh, &cl, &err);
+			if (rc != EZP_OK)
+				break;
+			T->claims[T->n_claims++] = cl;
+		}
 	}
 	if (!stalled && rc == EZP_OK && changes % 2) { /* end with no filters */
 		rc = ezp_pipeline_set_filters(T->d, "p", "[]", &err);
@@ -1765,7 +1822,7 @@ static void test_filter_change_under_stream(void **state)
 	pthread_join(rt, NULL);
 	sync_fini(&st.mu, &st.cv);
 	if (rc != EZP_OK)
-		fail_msg("ezp_pipeline_set_filters (change %d): %s: %s", changes + 1,
+		fail_msg("ezp_pipeline_set_filters or claim (change %d): %s: %s", changes + 1,
 			 ezp_status_str(rc), err.message);
 	if (st.w_err || st.r_err || st.received != STREAM_BYTES || st.first_bad >= 0 ||
 	    st.sent_hash != st.recv_hash)
@@ -1775,6 +1832,15 @@ static void test_filter_change_under_stream(void **state)
 			 st.r_err == -2 ? " = stalled 10 s" : "", (long long)st.first_bad,
 			 st.sent_hash == st.recv_hash ? "equal" : "differ");
 	assert_int_equal(changes, 6);
+	if (full_path != 3)
+		fail_msg("only %d of 3 filter insertions took the session off the fast path",
+			 full_path);
+	assert_non_null(h);
+	pthread_mutex_lock(&h->mu);
+	seen = h->seen;
+	pthread_mutex_unlock(&h->mu);
+	if (seen <= 0)
+		fail_msg("the inserted filter saw no bytes of the stream");
 	tcp_roundtrip(c, "after", "after", "round trip after the stream");
 	if (!wait_session("p", s.id, is_bridged, NULL, &last))
 		fail_msg("with the filters removed the session did not go back to the fast path "
@@ -1793,6 +1859,7 @@ static void test_max_sessions(void **state)
 	size_t n;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Limits: {MaxSessions: 2}\nPipelines:\n" TCP_PIPELINE("p"), echo->port);
 	c1 = tcp_client(bound_port("p"));
 	tcp_roundtrip(c1, "a", "a", "first client");
@@ -1823,6 +1890,7 @@ static void test_reload(void **state)
 	int c, cq, rc;
 
 	(void)state;
+	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), a->port);
 	pport = bound_port("p");
 	c = tcp_client(pport);
@@ -1882,5 +1950,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_reload, setup, teardown),
 	};
 
+	if (getenv("EZP_TEST_FILTER")) /* e.g. EZP_TEST_FILTER='test_inject' */
+		cmocka_set_test_filter(getenv("EZP_TEST_FILTER"));
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
