@@ -227,6 +227,38 @@ def udp_ready(port: int, p_list: list[subprocess.Popen], timeout: float = 10.0):
         s.close()
 
 
+def loadavg() -> float:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs' time spent non-idle over `interval` (from /proc/stat)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + (v[4] if len(v) > 4 else 0), sum(v[:8])
+    try:
+        i0, t0 = sample()
+        time.sleep(interval)
+        i1, t1 = sample()
+        return 1.0 - (i1 - i0) / max(1, t1 - t0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def busy_warning(where: str) -> float:
+    """Called while none of our load runs: busy CPUs mean someone else is using the machine."""
+    busy = cpu_busy()
+    if busy > 0.25:
+        log(f"ezp-bench: WARNING: CPUs {busy:.0%} busy {where} (load average {loadavg():.1f}) with no "
+            "benchmark load running: something else uses this machine, results will be noisy")
+    return round(busy, 3)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -816,6 +848,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     VERBOSE = a.verbose
     t_start = time.monotonic()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -838,6 +871,7 @@ def main(argv=None) -> int:
     failures = 0
     try:
         log(f"ezp-bench: temp dir {tmp}")
+        load_at_start = busy_warning("at start")
         load = build_load_tool(tmp, a.compile)
         log(f"ezp-bench: load tool {load}")
         need = set(a.config_list) & set(PEERS)
@@ -856,7 +890,8 @@ def main(argv=None) -> int:
             k = rnd % len(configs)
             order = configs[k:] + configs[:k]
             log(f"ezp-bench: round {rnd + 1}/{a.rounds}: {' '.join(order)}")
-            rr = {"round": rnd + 1, "order": order, "results": {}, "notes": {}, "errors": {}}
+            rr = {"round": rnd + 1, "order": order, "results": {}, "notes": {}, "errors": {},
+                  "cpu_busy_before": cpu_busy(0.3)}
             for cfg in order:
                 res, notes = {}, {}
                 t0 = time.monotonic()
@@ -866,8 +901,8 @@ def main(argv=None) -> int:
                     except NotApplicable as e:
                         for row in GROUPS[g]:
                             notes[row] = str(e)
-                    except BenchError as e:
-                        log(f"  {cfg} {g}: FAILED: {e}")
+                    except (BenchError, OSError, ValueError, KeyError) as e:
+                        log(f"  {cfg} {g}: FAILED: {type(e).__name__}: {e}")
                         rr["errors"].setdefault(cfg, {})[g] = str(e)
                         failures += 1
                         for row in GROUPS[g]:
@@ -878,6 +913,7 @@ def main(argv=None) -> int:
                 log(f"  {cfg:8s} ({time.monotonic() - t0:4.1f}s) {brief}")
             rounds.append(rr)
         summary = summarize(rounds, rows, configs)
+        load_at_end = busy_warning("at the end")
         elapsed = time.monotonic() - t_start
         print()
         title = f"EzProxy benchmark: {a.rounds} round(s), medians over rounds, loopback, {os.cpu_count()} CPUs"
@@ -890,10 +926,11 @@ def main(argv=None) -> int:
               f"took {elapsed:.0f}s")
         if a.json:
             meta = {
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "started": started,
                 "seconds": round(elapsed, 1),
                 "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                         "python": platform.python_version()},
+                         "python": platform.python_version(), "cpu_busy_at_start": load_at_start,
+                         "cpu_busy_at_end": load_at_end, "loadavg_at_end": loadavg()},
                 "args": {k: v for k, v in vars(a).items()},
                 "load_tool": str(load),
                 "versions": {

@@ -13,21 +13,20 @@
 
 #include "config_priv.h"
 
-const char ezp__default_config[] =
-	"Workers: auto\n"
-	"Api:\n"
-	"  Listen: 127.0.0.1:8080\n"
-	"  Auth: true\n"
-	"Logging:\n"
-	"  Level: info\n"
-	"  Format: text\n"
-	"Pipelines:\n"
-	"  - Name: default\n"
-	"    From: { tcp: { Listen: 127.0.0.1:5554 } }\n"
-	"    To: { tcp: { Connect: 127.0.0.1:5555 } }\n"
-	"  - Name: default-udp\n"
-	"    From: { udp: { Listen: 127.0.0.1:5554 } }\n"
-	"    To: { udp: { Connect: 127.0.0.1:5555 } }\n";
+const char ezp__default_config[] = "Workers: auto\n"
+				   "Api:\n"
+				   "  Listen: 127.0.0.1:8080\n"
+				   "  Auth: true\n"
+				   "Logging:\n"
+				   "  Level: info\n"
+				   "  Format: text\n"
+				   "Pipelines:\n"
+				   "  - Name: default\n"
+				   "    From: { tcp: { Listen: 127.0.0.1:5554 } }\n"
+				   "    To: { tcp: { Connect: 127.0.0.1:5555 } }\n"
+				   "  - Name: default-udp\n"
+				   "    From: { udp: { Listen: 127.0.0.1:5554 } }\n"
+				   "    To: { udp: { Connect: 127.0.0.1:5555 } }\n";
 
 /* ---- the new form ------------------------------------------------------------ */
 
@@ -94,8 +93,10 @@ static int parse_pipeline(struct ezp__pctx *c, struct ezp__config *cfg, yaml_nod
 	p->column = EZP__COL(node);
 	p->limits = cfg->limits;
 	if (!node || node->type != YAML_MAPPING_NODE)
-		return ezp__perr(c, p->line, p->column, "%s: expected a map with Name, From "
-				 "and To, found %s", path, ezp__node_found(node));
+		return ezp__perr(c, p->line, p->column,
+				 "%s: expected a map with Name, From "
+				 "and To, found %s",
+				 path, ezp__node_found(node));
 	if ((rc = ezp__map_keys(c, node, path, pipe_keys, 6, vals, kn)))
 		return rc;
 	if ((rc = need_key(c, p, vals, kn, 0, path)))
@@ -105,9 +106,10 @@ static int parse_pipeline(struct ezp__pctx *c, struct ezp__config *cfg, yaml_nod
 	if ((rc = ezp__conv_string(c, &v, sub, &p->name)))
 		return rc;
 	if (!name_ok(v.text, v.len))
-		return ezp__perr(c, v.line, v.column, "%s: '%s' is not a valid pipeline name "
-				 "(use 1 to 64 of A-Z a-z 0-9 _ . -)", sub,
-				 ezp__show(show, sizeof(show), v.text, v.len));
+		return ezp__perr(c, v.line, v.column,
+				 "%s: '%s' is not a valid pipeline name "
+				 "(use 1 to 64 of A-Z a-z 0-9 _ . -)",
+				 sub, ezp__show(show, sizeof(show), v.text, v.len));
 	snprintf(sub, sizeof(sub), "%s.From", path);
 	if ((rc = need_key(c, p, vals, kn, 1, path)) ||
 	    (rc = ezp__kind_item(c, vals[1], EZP__ROLE_LISTEN, sub, &p->from)))
@@ -116,13 +118,16 @@ static int parse_pipeline(struct ezp__pctx *c, struct ezp__config *cfg, yaml_nod
 		yaml_node_t *t = vals[2];
 		size_t n;
 		if (t->type != YAML_SEQUENCE_NODE)
-			return ezp__perr(c, EZP__LINE(t), EZP__COL(t), "%s.Through: expected a list "
-					 "of filters (- lua: {...}), found %s", path,
-					 ezp__node_found(t));
+			return ezp__perr(c, EZP__LINE(t), EZP__COL(t),
+					 "%s.Through: expected a list "
+					 "of filters (- lua: {...}), found %s",
+					 path, ezp__node_found(t));
 		n = (size_t)(t->data.sequence.items.top - t->data.sequence.items.start);
 		if (n > c->budget)
-			return ezp__perr(c, EZP__LINE(t), EZP__COL(t), "%s.Through: too many "
-					 "filters through '*' aliases", path);
+			return ezp__perr(c, EZP__LINE(t), EZP__COL(t),
+					 "%s.Through: too many "
+					 "filters through '*' aliases",
+					 path);
 		if (n && !(p->through = calloc(n, sizeof(*p->through))))
 			return ezp__perr_nomem(c);
 		for (size_t i = 0; i < n; i++) {
@@ -187,8 +192,8 @@ static int check_names(struct ezp__pctx *c, const struct ezp__config *cfg)
 		return EZP_OK;
 	return ezp__perr(c, cfg->pipelines[dup].line, cfg->pipelines[dup].column,
 			 "duplicate pipeline name '%s' in Pipelines[%zu] (already used by "
-			 "Pipelines[%zu]); names must be unique", cfg->pipelines[dup].name, dup,
-			 first);
+			 "Pipelines[%zu]); names must be unique",
+			 cfg->pipelines[dup].name, dup, first);
 }
 
 int ezp__call_plugin_paths(struct ezp__pctx *c, struct ezp__config *cfg, const yaml_node_t *at)
@@ -235,8 +240,9 @@ static int parse_plugins(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node
 	if (ezp__node_null(val))
 		return EZP_OK;
 	if (val->type == YAML_MAPPING_NODE)
-		return ezp__perr(c, EZP__LINE(val), EZP__COL(val),
-				 "Plugins.Path: expected a folder or a list of folders, found a map");
+		return ezp__perr(
+		    c, EZP__LINE(val), EZP__COL(val),
+		    "Plugins.Path: expected a folder or a list of folders, found a map");
 	if (val->type == YAML_SEQUENCE_NODE)
 		n = (size_t)(val->data.sequence.items.top - val->data.sequence.items.start);
 	if (n > c->budget)
@@ -247,8 +253,9 @@ static int parse_plugins(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node
 	for (size_t i = 0; i < n; i++) {
 		char what[64];
 		struct ezp__pval v;
-		t = val->type == YAML_SEQUENCE_NODE ? ezp__node(c, val->data.sequence.items.start[i])
-						    : val;
+		t = val->type == YAML_SEQUENCE_NODE
+			? ezp__node(c, val->data.sequence.items.start[i])
+			: val;
 		v = ezp__pval_of(t);
 		snprintf(what, sizeof(what), "Plugins.Path[%zu]", i);
 		if (!v.present || (v.scalar && !v.len))
@@ -300,7 +307,8 @@ static int parse_api(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *
 				return ezp__perr(c, tk[i] ? EZP__LINE(tk[i]) : EZP__LINE(vals[3]),
 						 tk[i] ? EZP__COL(tk[i]) : EZP__COL(vals[3]),
 						 "missing required key '%s' in Api.Tls (give both "
-						 "Cert and Key files)", tls_keys[i]);
+						 "Cert and Key files)",
+						 tls_keys[i]);
 			if ((rc = ezp__conv_string(c, &v, what, dst)))
 				return rc;
 		}
@@ -326,8 +334,8 @@ static int parse_logging(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node
 					      "debug, info, warn or error", &cfg->log_level)))
 		return rc;
 	v = ezp__pval_of(vals[1]);
-	if (v.present && (rc = ezp__conv_word(c, &v, "Logging.Format", formats, 2,
-					      "text or json", &cfg->log_format)))
+	if (v.present && (rc = ezp__conv_word(c, &v, "Logging.Format", formats, 2, "text or json",
+					      &cfg->log_format)))
 		return rc;
 	return EZP_OK;
 }
@@ -344,10 +352,13 @@ static int parse_workers(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node
 		cfg->workers = 0;
 		return EZP_OK;
 	}
-	if (v.scalar && strlen(v.text) == v.len && *v.text && strspn(v.text + (*v.text == '-' || *v.text == '+'),
-		"0123456789") != strlen(v.text + (*v.text == '-' || *v.text == '+')))
-		return ezp__perr(c, v.line, v.column, "Workers: '%s' is not a number "
-				 "(use auto or 1..256)", ezp__show(show, sizeof(show), v.text, v.len));
+	if (v.scalar && strlen(v.text) == v.len && *v.text &&
+	    strspn(v.text + (*v.text == '-' || *v.text == '+'), "0123456789") !=
+		strlen(v.text + (*v.text == '-' || *v.text == '+')))
+		return ezp__perr(c, v.line, v.column,
+				 "Workers: '%s' is not a number "
+				 "(use auto or 1..256)",
+				 ezp__show(show, sizeof(show), v.text, v.len));
 	if (ezp__conv_int(c, &v, "Workers", 1, 256, &n))
 		return EZP_ERR_CONFIG;
 	cfg->workers = n;
@@ -366,8 +377,8 @@ void ezp__config_defaults(struct ezp__config *cfg)
 
 static int parse_new(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *root)
 {
-	static const char *const keys[] = {"Workers", "StateDir", "Plugins", "Api",
-					   "Logging", "Limits",   "Pipelines"};
+	static const char *const keys[] = {"Workers", "StateDir", "Plugins",  "Api",
+					   "Logging", "Limits",	  "Pipelines"};
 	yaml_node_t *vals[7], *kn[7], *pl;
 	const yaml_node_t *paths_at;
 	struct ezp__pval v;
@@ -383,7 +394,8 @@ static int parse_new(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *
 		if ((rc = ezp__conv_string(c, &v, "StateDir", &cfg->state_dir)))
 			return rc;
 		if (!*cfg->state_dir)
-			return ezp__perr(c, v.line, v.column, "StateDir: must not be empty "
+			return ezp__perr(c, v.line, v.column,
+					 "StateDir: must not be empty "
 					 "(leave it out for the default)");
 	}
 	/* Plugins first: their kinds must be known before pipelines are read. */
@@ -401,8 +413,10 @@ static int parse_new(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *
 	if (ezp__node_null(pl))
 		return EZP_OK;
 	if (pl->type != YAML_SEQUENCE_NODE)
-		return ezp__perr(c, EZP__LINE(pl), EZP__COL(pl), "Pipelines: expected a list "
-				 "(- Name: ...), found %s", ezp__node_found(pl));
+		return ezp__perr(c, EZP__LINE(pl), EZP__COL(pl),
+				 "Pipelines: expected a list "
+				 "(- Name: ...), found %s",
+				 ezp__node_found(pl));
 	n = (size_t)(pl->data.sequence.items.top - pl->data.sequence.items.start);
 	if (n > c->budget)
 		return ezp__perr(c, EZP__LINE(pl), EZP__COL(pl),
@@ -449,8 +463,10 @@ int ezp__config_parse(const char *text, size_t len, const char *file,
 	}
 	ezp__config_defaults(cfg);
 	if (!ezp__node_null(root) && root->type != YAML_MAPPING_NODE)
-		rc = ezp__perr(&c, EZP__LINE(root), EZP__COL(root), "the config must be a map of "
-			       "keys (e.g. Pipelines: ...), found %s", ezp__node_found(root));
+		rc = ezp__perr(&c, EZP__LINE(root), EZP__COL(root),
+			       "the config must be a map of "
+			       "keys (e.g. Pipelines: ...), found %s",
+			       ezp__node_found(root));
 	else if (ezp__legacy_detect(&c, root))
 		rc = ezp__legacy_parse(&c, cfg, root);
 	else

@@ -174,7 +174,9 @@ static void put_kind(struct out *o, const struct ezp__kind_conf *kc, int ind)
 		put(o, ": ", 2);
 		written++;
 		switch (p->type) {
-		case EZP_PARAM_STRING: put_str(o, s); break;
+		case EZP_PARAM_STRING:
+			put_str(o, s);
+			break;
 		case EZP_PARAM_INT:
 		case EZP_PARAM_MS:
 			memcpy(&iv, v, sizeof(iv));
@@ -188,7 +190,9 @@ static void put_kind(struct out *o, const struct ezp__kind_conf *kc, int ind)
 			memcpy(&d, v, sizeof(d));
 			putf(o, "%.17g", d);
 			break;
-		default: put_str(o, ezp__addr_format(&a, buf, sizeof(buf))); break;
+		default:
+			put_str(o, ezp__addr_format(&a, buf, sizeof(buf)));
+			break;
 		}
 	}
 	if (kc->filter) {

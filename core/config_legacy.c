@@ -19,8 +19,7 @@ static int node_key_is(const yaml_node_t *k, const char *key)
 	       !memcmp(k->data.scalar.value, key, k->data.scalar.length);
 }
 
-static int map_has(struct ezp__pctx *c, const yaml_node_t *map, const char *const *keys,
-		   size_t n)
+static int map_has(struct ezp__pctx *c, const yaml_node_t *map, const char *const *keys, size_t n)
 {
 	if (!map || map->type != YAML_MAPPING_NODE)
 		return 0;
@@ -66,8 +65,8 @@ int ezp__legacy_detect(struct ezp__pctx *c, const yaml_node_t *root)
  * An `{ Address, Port }` section into "HOST:PORT" text in @out; an empty
  * Address means @empty.
  */
-static int legacy_addr(struct ezp__pctx *c, yaml_node_t *node, const char *path,
-		       const char *empty, int64_t port, char out[EZP_ADDR_STRLEN])
+static int legacy_addr(struct ezp__pctx *c, yaml_node_t *node, const char *path, const char *empty,
+		       int64_t port, char out[EZP_ADDR_STRLEN])
 {
 	static const char *const keys[] = {"Address", "Port"};
 	yaml_node_t *vals[2], *kn[2];
@@ -85,8 +84,10 @@ static int legacy_addr(struct ezp__pctx *c, yaml_node_t *node, const char *path,
 	snprintf(what, sizeof(what), "%s.Address", path);
 	if (hv.present) {
 		if (!hv.scalar || strlen(hv.text) != hv.len)
-			return ezp__perr(c, hv.line, hv.column, "%s: expected an IP address, "
-					 "found %s", what, hv.found ? hv.found : "a NUL character");
+			return ezp__perr(c, hv.line, hv.column,
+					 "%s: expected an IP address, "
+					 "found %s",
+					 what, hv.found ? hv.found : "a NUL character");
 		host = hv.text;
 	}
 	snprintf(what, sizeof(what), "%s.Port", path);
@@ -153,15 +154,16 @@ static int legacy_lua(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t 
 	if (v.present && (rc = ezp__conv_string(c, &v, "Lua.Path", &cfg->lua.path)))
 		return rc;
 	v = ezp__pval_of(vals[2]);
-	if (v.present && (rc = ezp__conv_word(c, &v, "Lua.Mode", modes, 2, "main or callback",
-					      &mode)))
+	if (v.present &&
+	    (rc = ezp__conv_word(c, &v, "Lua.Mode", modes, 2, "main or callback", &mode)))
 		return rc;
 	if ((!cfg->lua.path && !(cfg->lua.path = strdup(""))) ||
 	    !(cfg->lua.mode = strdup(modes[mode])))
 		return ezp__perr_nomem(c);
 	if (cfg->lua.enabled && !*cfg->lua.path)
-		return ezp__perr(c, EZP__LINE(*enable_at), EZP__COL(*enable_at),
-				 "Lua.Enable is true but Lua.Path is empty; give the script's file");
+		return ezp__perr(
+		    c, EZP__LINE(*enable_at), EZP__COL(*enable_at),
+		    "Lua.Enable is true but Lua.Path is empty; give the script's file");
 	return EZP_OK;
 }
 
@@ -182,12 +184,14 @@ static int fill_kv(struct ezp__pctx *c, struct ezp__kind_conf *kc, const char *c
 		for (j = 0; j < np && strcmp(kc->params[j].key, keys[i]); j++)
 			;
 		if (j == np && np)
-			rc = ezp__perr(c, kc->line, kc->column, "the '%s' %s has no '%s' parameter, "
-				       "which the old program's form needs (%s)", kc->kind,
-				       kc->filter ? "filter" : "transport", keys[i], path);
+			rc =
+			    ezp__perr(c, kc->line, kc->column,
+				      "the '%s' %s has no '%s' parameter, "
+				      "which the old program's form needs (%s)",
+				      kc->kind, kc->filter ? "filter" : "transport", keys[i], path);
 		else if (j < np)
-			pv[j] = (struct ezp__pval){1, 1, texts[i], strlen(texts[i]), NULL,
-						   kc->line, kc->column};
+			pv[j] = (struct ezp__pval){1,	 1,	   texts[i],  strlen(texts[i]),
+						   NULL, kc->line, kc->column};
 	}
 	if (rc == EZP_OK)
 		rc = ezp__kind_fill(c, kc, pv, NULL, path);
@@ -207,8 +211,10 @@ static int need_kind(struct ezp__pctx *c, const char *name, int filter, int line
 		k = l->transport(l->arg, name);
 	if (k)
 		return EZP_OK;
-	return ezp__perr(c, line, column, "%s but no loaded plugin provides the '%s' %s "
-			 "(see 'ezproxy plugins')", why, name, filter ? "filter" : "transport");
+	return ezp__perr(c, line, column,
+			 "%s but no loaded plugin provides the '%s' %s "
+			 "(see 'ezproxy plugins')",
+			 why, name, filter ? "filter" : "transport");
 }
 
 static int legacy_pipelines(struct ezp__pctx *c, struct ezp__config *cfg, const char *proxy,
@@ -222,8 +228,9 @@ static int legacy_pipelines(struct ezp__pctx *c, struct ezp__config *cfg, const 
 	int rc;
 
 	for (int i = 0; i < 2; i++) {
-		if ((rc = need_kind(c, kinds[i], 0, line, column,
-				    "the old program's form (ProxyAddress, ServerAddress) needs it")))
+		if ((rc = need_kind(
+			 c, kinds[i], 0, line, column,
+			 "the old program's form (ProxyAddress, ServerAddress) needs it")))
 			return rc;
 	}
 	if (cfg->lua.enabled && (rc = need_kind(c, "lua", 1, EZP__LINE(lua_at), EZP__COL(lua_at),
@@ -263,7 +270,7 @@ static int legacy_pipelines(struct ezp__pctx *c, struct ezp__config *cfg, const 
 int ezp__legacy_parse(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *root)
 {
 	static const char *const keys[] = {"ProxyAddress", "ServerAddress", "Logging",
-					   "Api",          "Lua",           "Debug"};
+					   "Api",	   "Lua",	    "Debug"};
 	static const char *const level_key[] = {"Level"};
 	yaml_node_t *vals[6], *kn[6], *lv, *lk;
 	const yaml_node_t *lua_at = root;
@@ -276,12 +283,14 @@ int ezp__legacy_parse(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t 
 		yaml_node_t *k = ezp__node(c, p->key);
 		for (size_t i = 0; i < 5; i++) {
 			if (node_key_is(k, new_only[i]))
-				return ezp__perr(c, EZP__LINE(k), EZP__COL(k),
-						 "key '%s' cannot be mixed with the old program's "
-						 "keys (ProxyAddress, ServerAddress, Api.UseAuth, "
-						 "Api.Address, Lua, Debug); write the whole file in "
-						 "the new form", ezp__show(show, sizeof(show),
-									   new_only[i], strlen(new_only[i])));
+				return ezp__perr(
+				    c, EZP__LINE(k), EZP__COL(k),
+				    "key '%s' cannot be mixed with the old program's "
+				    "keys (ProxyAddress, ServerAddress, Api.UseAuth, "
+				    "Api.Address, Lua, Debug); write the whole file in "
+				    "the new form",
+				    ezp__show(show, sizeof(show), new_only[i],
+					      strlen(new_only[i])));
 		}
 	}
 	if ((rc = ezp__map_keys(c, root, "", keys, 6, vals, kn)))

@@ -90,16 +90,15 @@ static int need_scalar(struct ezp__pctx *c, const struct ezp__pval *v, const cha
 		       const char *expected)
 {
 	if (!v->scalar)
-		return ezp__perr(c, v->line, v->column, "%s: expected %s, found %s", what,
-				 expected, v->found ? v->found : "something else");
+		return ezp__perr(c, v->line, v->column, "%s: expected %s, found %s", what, expected,
+				 v->found ? v->found : "something else");
 	if (strlen(v->text) != v->len)
 		return ezp__perr(c, v->line, v->column, "%s: the value contains a NUL character",
 				 what);
 	return EZP_OK;
 }
 
-int ezp__conv_string(struct ezp__pctx *c, const struct ezp__pval *v, const char *what,
-		     char **out)
+int ezp__conv_string(struct ezp__pctx *c, const struct ezp__pval *v, const char *what, char **out)
 {
 	int rc = need_scalar(c, v, what, "a string");
 	char *s;
@@ -134,8 +133,8 @@ static int parse_i64(const char *s, int64_t *out)
 	return 0;
 }
 
-int ezp__conv_int(struct ezp__pctx *c, const struct ezp__pval *v, const char *what,
-		  int64_t min, int64_t max, int64_t *out)
+int ezp__conv_int(struct ezp__pctx *c, const struct ezp__pval *v, const char *what, int64_t min,
+		  int64_t max, int64_t *out)
 {
 	char show[SHOW_MAX];
 	int64_t n;
@@ -197,8 +196,7 @@ int ezp__conv_bool(struct ezp__pctx *c, const struct ezp__pval *v, const char *w
 			 what, ezp__show(show, sizeof(show), v->text, v->len));
 }
 
-int ezp__conv_double(struct ezp__pctx *c, const struct ezp__pval *v, const char *what,
-		     double *out)
+int ezp__conv_double(struct ezp__pctx *c, const struct ezp__pval *v, const char *what, double *out)
 {
 	char show[SHOW_MAX], *end;
 	double d;
@@ -207,8 +205,7 @@ int ezp__conv_double(struct ezp__pctx *c, const struct ezp__pval *v, const char 
 	if (rc)
 		return rc;
 	d = strtod(v->text, &end); /* underflow to a tiny or zero value is fine */
-	if (!v->len || isspace((unsigned char)v->text[0]) || *end || end == v->text ||
-	    !isfinite(d))
+	if (!v->len || isspace((unsigned char)v->text[0]) || *end || end == v->text || !isfinite(d))
 		return ezp__perr(c, v->line, v->column,
 				 "%s: '%s' is not a finite number (e.g. 0.5 or 10)", what,
 				 ezp__show(show, sizeof(show), v->text, v->len));
@@ -278,8 +275,9 @@ int ezp__addr_parse(const char *text, struct ezp_addr *out, struct ezp_error *er
 	if (p == port || pn > 65535)
 		return addr_fail(err, text, "the port must be a number 0..65535");
 	if (hlen >= sizeof(host))
-		return addr_fail(err, text, "HOST must be an IP address or localhost; "
-					    "names are not looked up");
+		return addr_fail(err, text,
+				 "HOST must be an IP address or localhost; "
+				 "names are not looked up");
 	memcpy(host, h, hlen);
 	host[hlen] = '\0';
 
@@ -303,8 +301,9 @@ int ezp__addr_parse(const char *text, struct ezp_addr *out, struct ezp_error *er
 		else if (!strcasecmp(host, "localhost"))
 			s4.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 		else if (inet_pton(AF_INET, host, &s4.sin_addr) != 1)
-			return addr_fail(err, text, "HOST must be an IP address or localhost; "
-						    "names are not looked up");
+			return addr_fail(err, text,
+					 "HOST must be an IP address or localhost; "
+					 "names are not looked up");
 		memcpy(&a.ss, &s4, sizeof(s4));
 		a.len = sizeof(s4);
 	}
@@ -342,13 +341,19 @@ const char *ezp__addr_format(const struct ezp_addr *addr, char *buf, size_t len)
 size_t ezp__param_size(int type)
 {
 	switch (type) {
-	case EZP_PARAM_STRING: return sizeof(char *);
+	case EZP_PARAM_STRING:
+		return sizeof(char *);
 	case EZP_PARAM_INT:
-	case EZP_PARAM_MS: return sizeof(int64_t);
-	case EZP_PARAM_BOOL: return sizeof(int);
-	case EZP_PARAM_DOUBLE: return sizeof(double);
-	case EZP_PARAM_ADDR: return sizeof(struct ezp_addr);
-	default: return 0;
+	case EZP_PARAM_MS:
+		return sizeof(int64_t);
+	case EZP_PARAM_BOOL:
+		return sizeof(int);
+	case EZP_PARAM_DOUBLE:
+		return sizeof(double);
+	case EZP_PARAM_ADDR:
+		return sizeof(struct ezp_addr);
+	default:
+		return 0;
 	}
 }
 
@@ -433,8 +438,12 @@ static int param_set(struct ezp__pctx *c, const struct ezp_param *p, void *dst,
 
 	memset(&u, 0, sizeof(u));
 	switch (p->type) {
-	case EZP_PARAM_STRING: rc = ezp__conv_string(c, v, what, &u.s); break;
-	case EZP_PARAM_INT: rc = ezp__conv_int(c, v, what, p->min, p->max, &u.i); break;
+	case EZP_PARAM_STRING:
+		rc = ezp__conv_string(c, v, what, &u.s);
+		break;
+	case EZP_PARAM_INT:
+		rc = ezp__conv_int(c, v, what, p->min, p->max, &u.i);
+		break;
 	case EZP_PARAM_MS: {
 		int64_t lo = 0, hi = INT64_MAX;
 		if (p->min < p->max) {
@@ -443,13 +452,20 @@ static int param_set(struct ezp__pctx *c, const struct ezp_param *p, void *dst,
 		}
 		rc = ezp__conv_int(c, v, what, 0, 0, &u.i);
 		if (rc == EZP_OK && (u.i < lo || u.i > hi))
-			rc = ezp__perr(c, v->line, v->column, "%s: %lld is out of range (%lld..%lld)",
-				       what, (long long)u.i, (long long)lo, (long long)hi);
+			rc = ezp__perr(c, v->line, v->column,
+				       "%s: %lld is out of range (%lld..%lld)", what,
+				       (long long)u.i, (long long)lo, (long long)hi);
 		break;
 	}
-	case EZP_PARAM_BOOL: rc = ezp__conv_bool(c, v, what, &u.b); break;
-	case EZP_PARAM_DOUBLE: rc = ezp__conv_double(c, v, what, &u.d); break;
-	default: rc = ezp__conv_addr(c, v, what, &u.a); break;
+	case EZP_PARAM_BOOL:
+		rc = ezp__conv_bool(c, v, what, &u.b);
+		break;
+	case EZP_PARAM_DOUBLE:
+		rc = ezp__conv_double(c, v, what, &u.d);
+		break;
+	default:
+		rc = ezp__conv_addr(c, v, what, &u.a);
+		break;
 	}
 	if (rc == EZP_OK)
 		memcpy(dst, &u, ezp__param_size(p->type));
@@ -465,14 +481,16 @@ int ezp__params_fill(struct ezp__pctx *c, const char *kind, const struct ezp_par
 	int rc = EZP_OK;
 
 	if (n > EZP__MAX_PARAMS)
-		return ezp__perr(c, line, column, "the parameter table of '%s' has over %d "
-				 "entries or no end marker (a bug in its plugin)", kind,
-				 EZP__MAX_PARAMS);
+		return ezp__perr(c, line, column,
+				 "the parameter table of '%s' has over %d "
+				 "entries or no end marker (a bug in its plugin)",
+				 kind, EZP__MAX_PARAMS);
 	for (i = 0; i < n; i++) {
 		const struct ezp_param *p = &params[i];
 		size_t size = ezp__param_size(p->type);
 		if (!size || !config || p->offset > config_size || config_size - p->offset < size) {
-			rc = ezp__perr(c, line, column, "parameter '%s' of '%s' has a bad type "
+			rc = ezp__perr(c, line, column,
+				       "parameter '%s' of '%s' has a bad type "
 				       "or lies outside its config struct (a bug in its plugin)",
 				       p->key, kind);
 			goto fail;
@@ -492,7 +510,8 @@ int ezp__params_fill(struct ezp__pctx *c, const char *kind, const struct ezp_par
 			char *def = p->def ? def_text(p->def, &oom) : NULL;
 			if (def) {
 				struct ezp__pval dv = {1, 1, def, strlen(def), NULL, line, column};
-				strncat(what, " (the plugin's default)", sizeof(what) - strlen(what) - 1);
+				strncat(what, " (the plugin's default)",
+					sizeof(what) - strlen(what) - 1);
 				rc = param_set(c, p, dst, &dv, what);
 				free(def);
 			} else if (p->def && oom) {
@@ -526,11 +545,11 @@ const char *const ezp__hold_keys[EZP__N_HOLD_KEYS] = {"HoldWindow", "HoldTimeout
 						      "AllLegs"};
 
 const struct ezp__limit_def ezp__limit_defs[EZP__N_LIMITS] = {
-	{"MaxSessions", offsetof(struct ezp__limits, max_sessions), 1, 1000000, 10000},
-	{"MaxClientLegs", offsetof(struct ezp__limits, max_client_legs), 1, 1024, 8},
-	{"MaxInjectBytes", offsetof(struct ezp__limits, max_inject_bytes), 1, 67108864, 1048576},
-	{"TapBuffer", offsetof(struct ezp__limits, tap_buffer), 16, 1048576, 4096},
-	{"MaxPacket", offsetof(struct ezp__limits, max_packet), 512, 1048576, 65536},
+    {"MaxSessions", offsetof(struct ezp__limits, max_sessions), 1, 1000000, 10000},
+    {"MaxClientLegs", offsetof(struct ezp__limits, max_client_legs), 1, 1024, 8},
+    {"MaxInjectBytes", offsetof(struct ezp__limits, max_inject_bytes), 1, 67108864, 1048576},
+    {"TapBuffer", offsetof(struct ezp__limits, tap_buffer), 16, 1048576, 4096},
+    {"MaxPacket", offsetof(struct ezp__limits, max_packet), 512, 1048576, 65536},
 };
 
 const char *const ezp__log_levels[4] = {"debug", "info", "warn", "error"};
@@ -556,13 +575,19 @@ int ezp__hold_fill(struct ezp__pctx *c, const struct ezp__pval *vals, const char
 			continue;
 		snprintf(what, sizeof(what), "%s.%s", path, ezp__hold_keys[i]);
 		switch (i) {
-		case 0: rc = ezp__conv_int(c, &vals[i], what, 1, 65536, &hold->window); break;
-		case 1: rc = ezp__conv_int(c, &vals[i], what, 1, 3600000, &hold->timeout_ms); break;
+		case 0:
+			rc = ezp__conv_int(c, &vals[i], what, 1, 65536, &hold->window);
+			break;
+		case 1:
+			rc = ezp__conv_int(c, &vals[i], what, 1, 3600000, &hold->timeout_ms);
+			break;
 		case 2:
 			rc = ezp__conv_word(c, &vals[i], what, actions, 2, "pass or drop",
 					    &hold->default_drop);
 			break;
-		default: rc = ezp__conv_bool(c, &vals[i], what, &hold->all_legs); break;
+		default:
+			rc = ezp__conv_bool(c, &vals[i], what, &hold->all_legs);
+			break;
 		}
 	}
 	return rc;
@@ -597,7 +622,8 @@ int ezp__kind_conf_copy(struct ezp__kind_conf *dst, const struct ezp__kind_conf 
 		for (i = 0; i < n; i++) { /* no string shared with @src, even on failure */
 			char *none = NULL;
 			if (src->params[i].type == EZP_PARAM_STRING)
-				memcpy((char *)k.config + src->params[i].offset, &none, sizeof(none));
+				memcpy((char *)k.config + src->params[i].offset, &none,
+				       sizeof(none));
 		}
 		for (i = 0; i < n; i++) {
 			const struct ezp_param *p = &src->params[i];
@@ -681,8 +707,7 @@ int ezp__kind_conf_equal(const struct ezp__kind_conf *a, const struct ezp__kind_
 	return 1;
 }
 
-int ezp__pipeline_conf_equal(const struct ezp__pipeline_conf *a,
-			     const struct ezp__pipeline_conf *b)
+int ezp__pipeline_conf_equal(const struct ezp__pipeline_conf *a, const struct ezp__pipeline_conf *b)
 {
 	if (!a->name || !b->name || strcmp(a->name, b->name) || a->shared != b->shared ||
 	    a->n_through != b->n_through || memcmp(&a->limits, &b->limits, sizeof(a->limits)) ||

@@ -38,9 +38,12 @@ const char *ezp__node_found(const yaml_node_t *n)
 	if (!n || ezp__node_null(n))
 		return "nothing";
 	switch (n->type) {
-	case YAML_MAPPING_NODE: return "a map";
-	case YAML_SEQUENCE_NODE: return "a list";
-	default: return "a single value";
+	case YAML_MAPPING_NODE:
+		return "a map";
+	case YAML_SEQUENCE_NODE:
+		return "a list";
+	default:
+		return "a single value";
 	}
 }
 
@@ -98,8 +101,8 @@ int ezp__map_keys(struct ezp__pctx *c, const yaml_node_t *map, const char *path,
 	if (map->type != YAML_MAPPING_NODE)
 		return ezp__perr(c, EZP__LINE(map), EZP__COL(map), "%s: expected a map, found %s",
 				 ezp__where(path), ezp__node_found(map));
-	for (yaml_node_pair_t *pr = map->data.mapping.pairs.start;
-	     pr < map->data.mapping.pairs.top; pr++) {
+	for (yaml_node_pair_t *pr = map->data.mapping.pairs.start; pr < map->data.mapping.pairs.top;
+	     pr++) {
 		yaml_node_t *k = ezp__node(c, pr->key), *v = ezp__node(c, pr->value);
 		if (!k || !v)
 			continue;
@@ -118,8 +121,8 @@ int ezp__map_keys(struct ezp__pctx *c, const yaml_node_t *map, const char *path,
 						      j ? ", " : "", keys[j]);
 			if (n)
 				return ezp__perr(c, EZP__LINE(k), EZP__COL(k),
-						 "unknown key '%s' in %s (expected one of: %s)", show,
-						 ezp__where(path), list);
+						 "unknown key '%s' in %s (expected one of: %s)",
+						 show, ezp__where(path), list);
 			return ezp__perr(c, EZP__LINE(k), EZP__COL(k),
 					 "unknown key '%s' in %s (it takes no keys)", show,
 					 ezp__where(path));
@@ -136,8 +139,8 @@ int ezp__map_keys(struct ezp__pctx *c, const yaml_node_t *map, const char *path,
 
 /* ---- kind items --------------------------------------------------------------- */
 
-int ezp__kind_resolve(struct ezp__pctx *c, const char *name, int role, const char *path,
-		      int line, int column, struct ezp__kind_conf *kc)
+int ezp__kind_resolve(struct ezp__pctx *c, const char *name, int role, const char *path, int line,
+		      int column, struct ezp__kind_conf *kc)
 {
 	const struct ezp__kind_lookup *l = c->lookup;
 	const char *what = role == EZP__ROLE_FILTER ? "filter" : "transport";
@@ -155,19 +158,22 @@ int ezp__kind_resolve(struct ezp__pctx *c, const char *name, int role, const cha
 	if (!kc->filter && !kc->transport)
 		return ezp__perr(c, line, column,
 				 "unknown %s '%s' in %s (no loaded plugin provides it; "
-				 "see 'ezproxy plugins')", what, name, ezp__where(path));
+				 "see 'ezproxy plugins')",
+				 what, name, ezp__where(path));
 	if (role == EZP__ROLE_LISTEN) {
 		if (!kc->transport->listen_params)
-			return ezp__perr(c, line, column, "transport '%s' cannot listen (in %s); "
-					 "use a transport that can, such as tcp or udp", name,
-					 ezp__where(path));
+			return ezp__perr(c, line, column,
+					 "transport '%s' cannot listen (in %s); "
+					 "use a transport that can, such as tcp or udp",
+					 name, ezp__where(path));
 		kc->params = kc->transport->listen_params;
 		kc->config_size = kc->transport->listen_config_size;
 	} else if (role == EZP__ROLE_CONNECT) {
 		if (!kc->transport->connect_params)
-			return ezp__perr(c, line, column, "transport '%s' cannot connect (in %s); "
-					 "use a transport that can, such as tcp or udp", name,
-					 ezp__where(path));
+			return ezp__perr(c, line, column,
+					 "transport '%s' cannot connect (in %s); "
+					 "use a transport that can, such as tcp or udp",
+					 name, ezp__where(path));
 		kc->params = kc->transport->connect_params;
 		kc->config_size = kc->transport->connect_config_size;
 	}
@@ -185,8 +191,8 @@ int ezp__kind_resolve(struct ezp__pctx *c, const char *name, int role, const cha
 int ezp__kind_fill(struct ezp__pctx *c, struct ezp__kind_conf *kc, const struct ezp__pval *vals,
 		   const struct ezp__pval *hold_vals, const char *path)
 {
-	int rc = ezp__params_fill(c, kc->kind, kc->params, kc->config_size, kc->config, vals,
-				  path, kc->line, kc->column);
+	int rc = ezp__params_fill(c, kc->kind, kc->params, kc->config_size, kc->config, vals, path,
+				  kc->line, kc->column);
 
 	if (rc == EZP_OK && kc->filter) {
 		static const struct ezp__pval none[EZP__N_HOLD_KEYS];
@@ -243,7 +249,7 @@ int ezp__kind_item(struct ezp__pctx *c, yaml_node_t *item, int role, const char 
 		   struct ezp__kind_conf *out)
 {
 	const char *what = role == EZP__ROLE_FILTER ? "filter" : "transport";
-	const char *eg = role == EZP__ROLE_FILTER ? "{ lua: { Script: filter.lua } }"
+	const char *eg = role == EZP__ROLE_FILTER   ? "{ lua: { Script: filter.lua } }"
 			 : role == EZP__ROLE_LISTEN ? "{ tcp: { Listen: 0.0.0.0:5554 } }"
 						    : "{ tcp: { Connect: 10.0.0.5:5555 } }";
 	struct ezp__kind_conf kc;
@@ -270,8 +276,10 @@ int ezp__kind_item(struct ezp__pctx *c, yaml_node_t *item, int role, const char 
 	v = ezp__node(c, pr->value);
 	if (!k || !v || k->type != YAML_SCALAR_NODE || ezp__node_null(k) ||
 	    strlen((const char *)k->data.scalar.value) != k->data.scalar.length)
-		return ezp__perr(c, EZP__LINE(k), EZP__COL(k), "%s: the %s kind must be a name, "
-				 "e.g. %s", ezp__where(path), what, eg);
+		return ezp__perr(c, EZP__LINE(k), EZP__COL(k),
+				 "%s: the %s kind must be a name, "
+				 "e.g. %s",
+				 ezp__where(path), what, eg);
 	if ((rc = ezp__spend(c, k)))
 		return rc;
 	rc = ezp__kind_resolve(c, (const char *)k->data.scalar.value, role, path, EZP__LINE(k),
@@ -328,12 +336,13 @@ int ezp__doc_load(struct ezp__pctx *c, const char *text, size_t len, yaml_docume
 	int rc = EZP_OK;
 
 	if (len > EZP__CONFIG_MAX_BYTES)
-		return ezp__perr(c, 0, 0, "the config is larger than 4 MiB (%zu bytes); "
-				 "it cannot be right", len);
+		return ezp__perr(c, 0, 0,
+				 "the config is larger than 4 MiB (%zu bytes); "
+				 "it cannot be right",
+				 len);
 	if (!yaml_parser_initialize(&p))
 		return ezp__perr_nomem(c);
-	yaml_parser_set_input_string(&p, (const unsigned char *)(text ? text : ""),
-				     text ? len : 0);
+	yaml_parser_set_input_string(&p, (const unsigned char *)(text ? text : ""), text ? len : 0);
 	if (!yaml_parser_load(&p, doc)) {
 		rc = syntax_error(c, &p, text ? text : "", text ? len : 0);
 		yaml_parser_delete(&p);
@@ -344,7 +353,8 @@ int ezp__doc_load(struct ezp__pctx *c, const char *text, size_t len, yaml_docume
 			rc = syntax_error(c, &p, text, len);
 		} else {
 			if ((r = yaml_document_get_root_node(&extra)))
-				rc = ezp__perr(c, EZP__LINE(r), EZP__COL(r), "the config holds more "
+				rc = ezp__perr(c, EZP__LINE(r), EZP__COL(r),
+					       "the config holds more "
 					       "than one YAML document ('---'); keep one");
 			yaml_document_delete(&extra);
 		}
@@ -360,8 +370,9 @@ int ezp__kind_conf_parse(const char *text, int is_filter, const struct ezp__kind
 {
 	struct ezp__pctx c;
 	yaml_document_t doc;
-	int rc, role = is_filter == 1 ? EZP__ROLE_FILTER
-		       : is_filter == EZP__KIND_LISTEN ? EZP__ROLE_LISTEN : EZP__ROLE_CONNECT;
+	int rc, role = is_filter == 1		       ? EZP__ROLE_FILTER
+		       : is_filter == EZP__KIND_LISTEN ? EZP__ROLE_LISTEN
+						       : EZP__ROLE_CONNECT;
 
 	memset(&c, 0, sizeof(c));
 	c.file = "<string>";
@@ -404,12 +415,14 @@ int ezp__through_parse(const char *text, const struct ezp__kind_lookup *lookup,
 	if (ezp__node_null(root))
 		root = NULL; /* empty text, ~ or null: no filters */
 	if (root && root->type != YAML_SEQUENCE_NODE) {
-		rc = ezp__perr(&c, (int)root->start_mark.line + 1, (int)root->start_mark.column + 1,
-			       "Through must be a list of filter items, e.g. [ {callback: {Name: f}} ]");
+		rc = ezp__perr(
+		    &c, (int)root->start_mark.line + 1, (int)root->start_mark.column + 1,
+		    "Through must be a list of filter items, e.g. [ {callback: {Name: f}} ]");
 		goto out;
 	}
 	if (root) {
-		size_t len = (size_t)(root->data.sequence.items.top - root->data.sequence.items.start);
+		size_t len =
+		    (size_t)(root->data.sequence.items.top - root->data.sequence.items.start);
 		items = calloc(len ? len : 1, sizeof(*items));
 		if (!items) {
 			rc = ezp__perr_nomem(&c);
@@ -418,9 +431,9 @@ int ezp__through_parse(const char *text, const struct ezp__kind_lookup *lookup,
 		for (size_t i = 0; i < len; i++) {
 			char path[32];
 			snprintf(path, sizeof(path), "Through[%zu]", i);
-			rc = ezp__kind_item(&c, yaml_document_get_node(&doc,
-					    root->data.sequence.items.start[i]), EZP__ROLE_FILTER,
-					    path, &items[i]);
+			rc = ezp__kind_item(
+			    &c, yaml_document_get_node(&doc, root->data.sequence.items.start[i]),
+			    EZP__ROLE_FILTER, path, &items[i]);
 			if (rc) {
 				for (size_t j = 0; j < i; j++)
 					ezp__kind_conf_clear(&items[j]);

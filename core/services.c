@@ -160,17 +160,24 @@ static void by_id_run(void *arg)
 	struct ezp_worker *w = ezp__worker_current();
 	struct ezp_session *s = w ? ezp__session_find_local(w, b->id) : NULL;
 	int rc = EZP_ERR_NOT_FOUND;
+	char msg[160] = "session not found";
 
 	if (s && b->close) {
 		ezp__session_close(s, EZP_CLOSE_API, "closed by request");
 		rc = EZP_OK;
 	} else if (s) {
+		if (b->pkt && (int64_t)b->pkt->len > s->limits.max_inject_bytes)
+			snprintf(msg, sizeof(msg), "%zu bytes is over the injection limit "
+				 "(Limits.MaxInjectBytes is %ld)", b->pkt->len,
+				 (long)s->limits.max_inject_bytes);
+		else
+			snprintf(msg, sizeof(msg), "invalid direction or session closing");
 		rc = ezp__session_inject_local(s, b->dir, b->pkt, -1);
 		b->pkt = NULL;
 	}
 	ezp__packet_unref(b->pkt);
 	if (b->done)
-		b->done(b->arg, rc, rc == EZP_OK ? NULL : "session not found");
+		b->done(b->arg, rc, rc == EZP_OK ? NULL : msg);
 	free(b);
 }
 

@@ -28,40 +28,46 @@ struct f_conf {
 };
 
 static const struct ezp_param t_listen[] = {
-	{"Listen", EZP_PARAM_ADDR, offsetof(struct t_conf, addr), NULL, 1, 0, 0, "bind"},
-	{"Backlog", EZP_PARAM_INT, offsetof(struct t_conf, n), "128", 0, 1, 65535, "q"},
-	{"NoDelay", EZP_PARAM_BOOL, offsetof(struct t_conf, flag), "true", 0, 0, 0, "nd"},
-	EZP_PARAM_END};
+    {"Listen", EZP_PARAM_ADDR, offsetof(struct t_conf, addr), NULL, 1, 0, 0, "bind"},
+    {"Backlog", EZP_PARAM_INT, offsetof(struct t_conf, n), "128", 0, 1, 65535, "q"},
+    {"NoDelay", EZP_PARAM_BOOL, offsetof(struct t_conf, flag), "true", 0, 0, 0, "nd"},
+    EZP_PARAM_END};
 static const struct ezp_param t_connect[] = {
-	{"Connect", EZP_PARAM_ADDR, offsetof(struct t_conf, addr), NULL, 1, 0, 0, "to"},
-	{"TimeoutMs", EZP_PARAM_MS, offsetof(struct t_conf, n), "10000", 0, 1, 600000, "t"},
-	EZP_PARAM_END};
+    {"Connect", EZP_PARAM_ADDR, offsetof(struct t_conf, addr), NULL, 1, 0, 0, "to"},
+    {"TimeoutMs", EZP_PARAM_MS, offsetof(struct t_conf, n), "10000", 0, 1, 600000, "t"},
+    EZP_PARAM_END};
 static const struct ezp_param f_params[] = {
-	{"Script", EZP_PARAM_STRING, offsetof(struct f_conf, s), "\"x y\"", 0, 0, 0, "s"},
-	{"Mode", EZP_PARAM_STRING, offsetof(struct f_conf, opt), NULL, 0, 0, 0, "m"},
-	{"LatencyMs", EZP_PARAM_MS, offsetof(struct f_conf, ms), "0", 0, 0, 0, "l"},
-	{"Loss", EZP_PARAM_DOUBLE, offsetof(struct f_conf, d), "0.5", 0, 0, 0, "d"},
-	{"On", EZP_PARAM_BOOL, offsetof(struct f_conf, b), "yes", 0, 0, 0, "b"},
-	{"Count", EZP_PARAM_INT, offsetof(struct f_conf, i), "-1", 0, -5, 5, "c"},
-	EZP_PARAM_END};
+    {"Script", EZP_PARAM_STRING, offsetof(struct f_conf, s), "\"x y\"", 0, 0, 0, "s"},
+    {"Mode", EZP_PARAM_STRING, offsetof(struct f_conf, opt), NULL, 0, 0, 0, "m"},
+    {"LatencyMs", EZP_PARAM_MS, offsetof(struct f_conf, ms), "0", 0, 0, 0, "l"},
+    {"Loss", EZP_PARAM_DOUBLE, offsetof(struct f_conf, d), "0.5", 0, 0, 0, "d"},
+    {"On", EZP_PARAM_BOOL, offsetof(struct f_conf, b), "yes", 0, 0, 0, "b"},
+    {"Count", EZP_PARAM_INT, offsetof(struct f_conf, i), "-1", 0, -5, 5, "c"},
+    EZP_PARAM_END};
 static const struct ezp_param none[] = {EZP_PARAM_END};
 
-static const struct ezp_transport_kind tcp = {
-	.struct_size = sizeof(struct ezp_transport_kind), .name = "tcp",
-	.listen_params = t_listen, .listen_config_size = sizeof(struct t_conf),
-	.connect_params = t_connect, .connect_config_size = sizeof(struct t_conf)};
-static const struct ezp_transport_kind udp = {
-	.struct_size = sizeof(struct ezp_transport_kind), .name = "udp",
-	.listen_params = t_listen, .listen_config_size = sizeof(struct t_conf),
-	.connect_params = t_connect, .connect_config_size = sizeof(struct t_conf)};
-static const struct ezp_transport_kind sink = {
-	.struct_size = sizeof(struct ezp_transport_kind), .name = "sink",
-	.connect_params = none, .connect_config_size = 0};
-static const struct ezp_filter_kind lua = {
-	.struct_size = sizeof(struct ezp_filter_kind), .name = "lua", .params = f_params,
-	.config_size = sizeof(struct f_conf)};
-static const struct ezp_filter_kind count = {
-	.struct_size = sizeof(struct ezp_filter_kind), .name = "count"};
+static const struct ezp_transport_kind tcp = {.struct_size = sizeof(struct ezp_transport_kind),
+					      .name = "tcp",
+					      .listen_params = t_listen,
+					      .listen_config_size = sizeof(struct t_conf),
+					      .connect_params = t_connect,
+					      .connect_config_size = sizeof(struct t_conf)};
+static const struct ezp_transport_kind udp = {.struct_size = sizeof(struct ezp_transport_kind),
+					      .name = "udp",
+					      .listen_params = t_listen,
+					      .listen_config_size = sizeof(struct t_conf),
+					      .connect_params = t_connect,
+					      .connect_config_size = sizeof(struct t_conf)};
+static const struct ezp_transport_kind sink = {.struct_size = sizeof(struct ezp_transport_kind),
+					       .name = "sink",
+					       .connect_params = none,
+					       .connect_config_size = 0};
+static const struct ezp_filter_kind lua = {.struct_size = sizeof(struct ezp_filter_kind),
+					   .name = "lua",
+					   .params = f_params,
+					   .config_size = sizeof(struct f_conf)};
+static const struct ezp_filter_kind count = {.struct_size = sizeof(struct ezp_filter_kind),
+					     .name = "count"};
 
 static const struct ezp_transport_kind *fz_transport(void *arg, const char *name)
 {

@@ -551,6 +551,9 @@ class Daemon:
                     out.append(Close(m, i))
             return out
 
+    def closes_of(self, since, pipeline):
+        return [c for c in self.closes(since) if c.pipeline == pipeline]
+
     def wait_closes(self, n=1, since=0, pipeline=None, reasons=None, timeout=10.0):
         """Wait until at least n close lines (filtered) appear after `since`; return them."""
         d = Deadline(timeout)
@@ -565,11 +568,18 @@ class Daemon:
                                (not self.alive() and self.readers_done()), d.left())
         got = matching()
         if len(got) < n:
+            alls = self.closes(since)
             raise DaemonError('expected %d session close line(s) (pipeline=%s, reasons=%s) '
-                              'within %.0fs, got %r; all closes since mark: %r\n%s'
-                              % (n, pipeline, reasons, timeout, got, self.closes(since),
-                                 self.tail()))
+                              'within %.0fs, got %d: %r; all %d closes since mark, last 10: '
+                              '%r\n%s' % (n, pipeline, reasons, timeout, len(got), got[-10:],
+                                          len(alls), alls[-10:], self.tail(30)))
         return got
+
+    def wait_until(self, pred, timeout=10.0):
+        """Wait (on the log condition) until pred() is true; returns its last value."""
+        d = Deadline(timeout)
+        with self.cond:
+            return self.cond.wait_for(pred, d.left())
 
     def reload(self, config, timeout=10.0):
         """Write config, SIGHUP, wait for 'config applied' or 'reload refused'.

@@ -220,6 +220,22 @@ class T02HalfClose(Base):
         self.assertEqual(rec[0]['sha256'], pattern_sha256(30, up, HashSink.header(31, down)))
 
 
+    def test_send_and_close_at_once(self):
+        """Bytes sent before the server leg exists, then a full close: all delivered."""
+        sink = self.sink('after_eof')
+        d = self.daemon(config(tcp_pipe('t', sink.port)))
+        n, k = 200000, 30
+        for i in range(k):
+            s = socket.create_connection((HOST, d.port('t')), timeout=10)
+            s.sendall(HashSink.header(i, 0) + pattern(i, n))
+            s.close()
+        recs = sink.wait_records(k, timeout=20)
+        self.assertEqual(len(recs), k, 'connections that reached the server')
+        for r in recs:
+            self.assertEqual((r['received'], r['sha256']),
+                             (16 + n, pattern_sha256(r['seed'], n, HashSink.header(r['seed'], 0))),
+                             'connection %s lost or changed bytes' % r.get('seed'))
+
 # 3 -----------------------------------------------------------------------------------------
 class T03UdpIntegrity(Base):
     def test_datagram_sizes_whole(self):
@@ -286,6 +302,38 @@ class T03UdpIntegrity(Base):
                 self.assertEqual(missing, [], 'lost %d of %d datagrams (first: %s)'
                                  % (len(missing), total, missing[:10]))
                 self.assertEqual(got, list(range(total)), 'datagrams reordered')
+
+    def test_server_burst_in_order(self):
+        """One request, 50 datagrams back-to-back from the server: all arrive, in order."""
+        srv = self.udp_socket()
+        srv.settimeout(10)
+
+        def burst():
+            try:
+                data, peer = srv.recvfrom(100)
+                for i in range(int(data)):
+                    srv.sendto(struct.pack('!I', i) + pattern(i, 996), peer)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=burst, daemon=True)
+        t.start()
+        d = self.daemon(config(udp_pipe('u', srv.getsockname()[1])))
+        c = self.udp_socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        c.sendto(b'50', (HOST, d.port('u')))
+        got = []
+        c.settimeout(2)
+        try:
+            while len(got) < 50:
+                data = c.recv(2000)
+                i = struct.unpack('!I', data[:4])[0]
+                self.assertEqual(data[4:], pattern(i, 996))
+                got.append(i)
+        except socket.timeout:
+            pass
+        t.join(5)
+        self.assertEqual(got, list(range(50)))
 
 
 # 4 -----------------------------------------------------------------------------------------
@@ -392,6 +440,87 @@ class T05ServerAway(Base):
         expect_closed(self, s, timeout=10)
         d.wait_closes(1, since=mark, reasons={'connect failed'}, timeout=10)
 
+    def test_udp_server_down_then_up(self):
+        port = free_port(socket.SOCK_DGRAM)
+        d = self.daemon(config(udp_pipe('u', port)))
+        s = self.udp_socket()
+        for i in range(3):  # nobody listens: no answer, and the daemon stays up
+            s.sendto(b'nobody %d' % i, (HOST, d.port('u')))
+        s.settimeout(0.5)
+        with self.assertRaises(socket.timeout):
+            s.recv(100)
+        self.assertTrue(d.alive())
+        self.udp_echo(port)
+        dl, got = Deadline(5), None
+        while got is None and not dl.expired():  # bounded: a datagram may be lost once
+            s.sendto(b'back', (HOST, d.port('u')))
+            s.settimeout(1)
+            try:
+                got = s.recv(100)
+            except socket.timeout:
+                pass
+        self.assertEqual(got, b'back', 'the same client never got through after the '
+                         'server came back')
+
+    def test_connect_timeout(self):
+        # a listener whose accept queue is full drops SYNs: connects to it hang
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(srv.close)
+        srv.bind((HOST, 0))
+        srv.listen(0)
+        port = srv.getsockname()[1]
+        for _ in range(4):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.addCleanup(c.close)
+            c.setblocking(False)
+            try:
+                c.connect((HOST, port))
+            except BlockingIOError:
+                pass
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect((HOST, port))
+            self.skipTest('this kernel completes connects to a full accept queue')
+        except socket.timeout:
+            pass
+        finally:
+            probe.close()
+        d = self.daemon(config(tcp_pipe('t', port).replace(
+            '"}}', '", ConnectTimeoutMs: 300}}') if False else
+            '  - Name: t\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
+            '    To: {tcp: {Connect: "127.0.0.1:%d", ConnectTimeoutMs: 300}}' % port))
+        mark = d.mark()
+        s = self.connect(d.port('t'))
+        dl = Deadline(5)
+        expect_closed(self, s, timeout=5, what='proxy with a server that never answers')
+        self.assertGreater(dl.left(), 3.0, 'ConnectTimeoutMs 300 took %.1fs' % (5 - dl.left()))
+        c = d.wait_closes(1, since=mark, pipeline='t', timeout=5)[0]
+        self.assertEqual(c.reason, 'connect failed', repr(c))
+        # a client that gives up while the connect is pending
+        mark = d.mark()
+        s = socket.create_connection((HOST, d.port('t')), timeout=5)
+        s.sendall(b'abc')
+        s.close()
+        c = d.wait_closes(1, since=mark, pipeline='t', timeout=5)[0]
+        self.assertIn(c.reason, ('connect failed', 'client closed'), repr(c))
+        self.assertTrue(d.alive())
+
+    def test_client_reset(self):
+        echo = self.tcp_echo()
+        d = self.daemon(config(tcp_pipe('t', echo.port)))
+        s = socket.create_connection((HOST, d.port('t')), timeout=10)
+        self.assertEqual(echo_once(s, b'hi'), b'hi')
+        self.assertTrue(echo.wait_active(lambda a: a == 1))
+        mark = d.mark()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        s.close()  # RST
+        self.assertTrue(echo.wait_active(lambda a: a == 0, timeout=10),
+                        'the server connection outlived a client reset')
+        c = d.wait_closes(1, since=mark, pipeline='t', timeout=10)[0]
+        self.assertIn(c.reason, ('client closed', 'error'), repr(c))
+        self.assertEqual(tcp_roundtrip(d.port('t'), b'next'), b'next')
+
     def test_client_drops_and_reconnects(self):
         echo = self.tcp_echo()
         d = self.daemon(config(tcp_pipe('t', echo.port)))
@@ -424,6 +553,23 @@ class T06UdpIdle(Base):
         self.assertEqual(second.reason, 'idle', repr(second))
         self.assertNotEqual(second.id, first.id, 'a new session was expected')
         self.assertEqual((second.to_server, second.to_client), (6, 6))
+
+
+    def test_activity_keeps_session_alive(self):
+        echo = self.udp_echo()
+        d = self.daemon(config(udp_pipe('u', echo.port, idle_ms=500)))
+        s = self.udp_socket()
+        mark = d.mark()
+        stop = Deadline(1.6)
+        n = 0
+        while not stop.expired():  # one datagram every 200 ms, well inside 500 ms
+            self.assertEqual(udp_roundtrip(d.port('u'), b'k%d' % n, sock=s), b'k%d' % n)
+            n += 1
+            threading.Event().wait(0.2)
+        self.assertEqual(d.closes(mark), [], 'an active session was closed')
+        c = d.wait_closes(1, since=mark, pipeline='u', timeout=5)[0]
+        self.assertEqual(c.reason, 'idle')
+        self.assertEqual(len(d.closes(mark)), 1, 'more than one session for one client')
 
 
 # 7 -----------------------------------------------------------------------------------------
@@ -547,6 +693,97 @@ class T07Reload(Base):
         d.wait_pipelines(['b'], timeout=5)
         self.assertEqual(tcp_roundtrip(d.port('b'), b'b ok'), b'b ok')
 
+    def test_remove_with_live_session_then_readd(self):
+        echo = self.tcp_echo()
+        a = tcp_pipe('a', echo.port)
+        b = tcp_pipe('b', echo.port)
+        d = self.daemon(config(a, b))
+        live = self.connect(d.port('b'))
+        self.assertEqual(echo_once(live, b'live'), b'live')
+        mark = d.mark()
+        applied, line = d.reload(config(a))
+        self.assertTrue(applied, line)
+        # the live session either goes on or is closed cleanly and logged
+        try:
+            got = echo_once(live, b'again', timeout=3)
+        except OSError:
+            got = None
+        if got != b'again':
+            self.assertIn(got, (None, b''), 'session of a removed pipeline returned garbage')
+            d.wait_closes(1, since=mark, pipeline='b', timeout=5)
+        self.assertTrue(d.alive())
+        applied, line = d.reload(config(a, b))
+        self.assertTrue(applied, line)
+        d.wait_line(r"pipeline 'b': tcp", since=mark, timeout=5)
+        self.assertEqual(tcp_roundtrip(d.port('b'), b'readded'), b'readded')
+        self.assertEqual(tcp_roundtrip(d.port('a'), b'a'), b'a')
+
+    def test_kind_change_tcp_to_udp(self):
+        tcp, udp = self.tcp_echo(), self.udp_echo()
+        d = self.daemon(config(tcp_pipe('x', tcp.port)))
+        self.assertEqual(tcp_roundtrip(d.port('x'), b't'), b't')
+        mark = d.mark()
+        applied, line = d.reload(config(udp_pipe('x', udp.port)))
+        self.assertTrue(applied, line)
+        m = d.wait_line(r"pipeline 'x'(: udp| now listens on) ", since=mark, timeout=5)
+        self.assertEqual(udp_roundtrip(d.port('x'), b'u'), b'u', m.string)
+
+    def test_reloads_under_traffic(self):
+        echo, uecho = self.tcp_echo(), self.udp_echo()
+        a, u = tcp_pipe('a', echo.port), udp_pipe('u', uecho.port)
+        one = config(a, u)
+        two = config(a, u, tcp_pipe('b', echo.port))
+        d = self.daemon(one)
+        stop = threading.Event()
+        counts = {'tcp': 0, 'udp': 0}
+        errors = []
+
+        def tcp_loop():
+            while not stop.is_set() and len(errors) < 5:
+                try:
+                    p = b'%d' % counts['tcp'] * 50
+                    if tcp_roundtrip(d.port('a'), p) != p:
+                        errors.append('tcp echo differs')
+                    counts['tcp'] += 1
+                except (OSError, AssertionError) as e:
+                    errors.append('tcp: %r' % e)
+
+        def udp_loop():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((HOST, 0))
+            try:
+                while not stop.is_set() and len(errors) < 5:
+                    p = b'u%d' % counts['udp']
+                    try:
+                        if udp_roundtrip(d.port('u'), p, sock=s, timeout=2) != p:
+                            errors.append('udp echo differs')
+                    except OSError as e:
+                        errors.append('udp: %r' % e)
+                    counts['udp'] += 1
+            finally:
+                s.close()
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (tcp_loop, udp_loop)]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(20):
+                applied, line = d.reload(two if i % 2 == 0 else one)
+                self.assertTrue(applied, line)
+            # a burst of signals without waiting: must neither crash nor wedge
+            for i in range(10):
+                os.kill(d.proc.pid, signal.SIGHUP)
+            applied, line = d.reload(one)
+            self.assertTrue(applied, line)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        self.assertEqual(errors, [], 'traffic failed during reloads')
+        self.assertGreater(counts['tcp'], 10)
+        self.assertGreater(counts['udp'], 10)
+        self.assertTrue(d.alive())
+
     def test_udp_listen_change(self):
         echo = self.udp_echo()
         d = self.daemon(config(udp_pipe('u', echo.port)))
@@ -623,6 +860,17 @@ class T08Check(Base):
         self.assertRegex(r.stdout, r'Name: "?default"?\s')
 
 
+    def test_check_output_is_a_valid_config(self):
+        for name, text in (('new', config(tcp_pipe('t', 9), udp_pipe('u', 9, idle_ms=500))),
+                           ('legacy', LEGACY % (15554, 15555))):
+            with self.subTest(form=name):
+                _, r1 = self.check(text, name + '1.yaml')
+                self.assertEqual(r1.returncode, 0, r1.stderr)
+                _, r2 = self.check(r1.stdout, name + '2.yaml')
+                self.assertEqual(r2.returncode, 0, 'check rejects its own output: ' + r2.stderr)
+                strip = lambda t: t.split('\n', 1)[1]  # noqa: E731 (first line names the file)
+                self.assertEqual(strip(r2.stdout), strip(r1.stdout), 'resolved config unstable')
+
 LEGACY = ('ProxyAddress:\n  Address: 127.0.0.1\n  Port: %d\n'
           'ServerAddress:\n  Address: 127.0.0.1\n  Port: %d\n'
           'Logging:\n  Level: info\n'
@@ -661,6 +909,19 @@ class T09QuickRun(Base):
         self.assertEqual(tcp_roundtrip(listen, payload), payload)
         self.assertEqual(udp_roundtrip(listen, payload[:1200]), payload[:1200])
         self.assertEqual(udp.count, 1)
+
+
+    def test_sighup_without_config_file(self):
+        tcp = self.tcp_echo()
+        listen = free_port()
+        d = self.daemon(args=['--listen', '127.0.0.1:%d' % listen,
+                              '--server', '127.0.0.1:%d' % tcp.port, '--network', 'tcp'],
+                        expect=['tcp'])
+        mark = d.mark()
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_line(r'SIGHUP', since=mark, timeout=5)
+        self.assertTrue(d.alive())
+        self.assertEqual(tcp_roundtrip(listen, b'still'), b'still')
 
 
 # 10 ----------------------------------------------------------------------------------------
@@ -756,6 +1017,41 @@ class T11Shutdown(Base):
         self.assertEqual(len([c for c in shut if c.pipeline == 'u']), 2, repr(closes))
         for s in socks:
             expect_closed(self, s, timeout=5, what='stopped daemon')
+
+
+    def test_sigterm_during_bulk_and_stalled_sessions(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        sink = HashSink(mode='concurrent', gates={7: gate})
+        self.addCleanup(sink.stop)
+        d = self.daemon(config(tcp_pipe('t', sink.port)), check_exit=False)
+        stalled = self.connect(d.port('t'))
+        stalled.sendall(HashSink.header(7, 0))
+        sent, was_stalled, _ = push_until_stalled(stalled, pattern_chunks(8, 64 * MiB))
+        self.assertTrue(was_stalled)
+        result = {}
+        bulk = threading.Thread(target=lambda: result.update(
+            transfer(d.port('t'), 9, 256 * MiB, 10, 256 * MiB, timeout=30)), daemon=True)
+        bulk.start()
+        self.assertTrue(sink.wait_accepted(2, timeout=5))
+        threading.Event().wait(0.2)  # let bytes flow (the transfer takes seconds)
+        dl = Deadline(10)
+        rc = d.stop(timeout=10)
+        self.assertEqual(rc, 0, 'exit status after SIGTERM during transfers')
+        self.assertFalse(dl.expired())
+        bulk.join(30)
+        self.assertIn(result.get('end'), ('eof', 'reset'), result)
+        self.assertLess(result.get('received', 0), 256 * MiB, 'the transfer was not cut')
+        self.assertGreaterEqual(len([c for c in d.closes() if c.reason == 'shutdown']), 2,
+                                d.tail())
+
+    def test_sigint_exits_0(self):
+        echo = self.tcp_echo()
+        d = self.daemon(config(tcp_pipe('t', echo.port)), check_exit=False)
+        s = self.connect(d.port('t'))
+        self.assertEqual(echo_once(s, b'x'), b'x')
+        self.assertEqual(d.stop(timeout=10, sig=signal.SIGINT), 0)
+        self.assertEqual([c.reason for c in d.closes()], ['shutdown'])
 
 
 # 12 ----------------------------------------------------------------------------------------
@@ -898,6 +1194,36 @@ class T14StartupErrors(Base):
         self.assertEqual(rc, 1, err)
         self.assertIn('/nonexistent/ezp.yaml', err)
 
+
+# 15 ----------------------------------------------------------------------------------------
+class T15Resources(Base):
+    def test_no_fd_leak_after_many_sessions(self):
+        echo, uecho = self.tcp_echo(), self.udp_echo()
+        bad = free_port()
+        d = self.daemon(config(tcp_pipe('t', echo.port), tcp_pipe('x', bad),
+                               udp_pipe('u', uecho.port, idle_ms=300)))
+        fds = lambda: len(os.listdir('/proc/%d/fd' % d.proc.pid))  # noqa: E731
+        base = fds()
+        mark = d.mark()
+        for i in range(300):
+            self.assertEqual(tcp_roundtrip(d.port('t'), b'x' * 100), b'x' * 100)
+        for i in range(100):
+            s = socket.create_connection((HOST, d.port('x')), timeout=5)
+            expect_closed(self, s, timeout=5)
+            s.close()
+        for i in range(200):
+            self.assertEqual(udp_roundtrip(d.port('u'), b'y'), b'y')
+        for i in range(100):
+            s = socket.create_connection((HOST, d.port('t')), timeout=5)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+            s.sendall(b'abc')
+            s.close()
+        # UDP clients may get a recycled port and so share a session: count bytes there
+        done = lambda: (len(d.closes_of(mark, 't')) >= 400 and  # noqa: E731
+                        len(d.closes_of(mark, 'x')) >= 100 and
+                        sum(c.to_server for c in d.closes_of(mark, 'u')) >= 200)
+        self.assertTrue(d.wait_until(done, timeout=15), 'not every session closed:\n' + d.tail())
+        self.assertEqual(fds(), base, 'daemon file descriptors before/after ~700 closed sessions')
 
 if __name__ == '__main__':
     unittest.main(verbosity=2)

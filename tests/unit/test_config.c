@@ -4,11 +4,14 @@
  * with its position, kind items, equality, copies, the dump round trip and
  * the address helpers. Thread: the test's own (control).
  */
+/* cmocka.h needs these first, in this order */
+/* clang-format off */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <setjmp.h>
 #include <cmocka.h>
+/* clang-format on */
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -52,64 +55,75 @@ struct lua_conf {
 };
 
 static const struct ezp_param tcp_listen_params[] = {
-	{"Listen", EZP_PARAM_ADDR, offsetof(struct tcp_listen, listen), NULL, 1, 0, 0, "bind"},
-	{"Backlog", EZP_PARAM_INT, offsetof(struct tcp_listen, backlog), "128", 0, 1, 65535, "q"},
-	{"NoDelay", EZP_PARAM_BOOL, offsetof(struct tcp_listen, nodelay), "true", 0, 0, 0, "nd"},
-	EZP_PARAM_END};
+    {"Listen", EZP_PARAM_ADDR, offsetof(struct tcp_listen, listen), NULL, 1, 0, 0, "bind"},
+    {"Backlog", EZP_PARAM_INT, offsetof(struct tcp_listen, backlog), "128", 0, 1, 65535, "q"},
+    {"NoDelay", EZP_PARAM_BOOL, offsetof(struct tcp_listen, nodelay), "true", 0, 0, 0, "nd"},
+    EZP_PARAM_END};
 static const struct ezp_param tcp_connect_params[] = {
-	{"Connect", EZP_PARAM_ADDR, offsetof(struct tcp_connect, connect), NULL, 1, 0, 0, "to"},
-	{"TimeoutMs", EZP_PARAM_MS, offsetof(struct tcp_connect, timeout_ms), "10000", 0, 1,
-	 600000, "t"},
-	EZP_PARAM_END};
+    {"Connect", EZP_PARAM_ADDR, offsetof(struct tcp_connect, connect), NULL, 1, 0, 0, "to"},
+    {"TimeoutMs", EZP_PARAM_MS, offsetof(struct tcp_connect, timeout_ms), "10000", 0, 1, 600000,
+     "t"},
+    EZP_PARAM_END};
 static const struct ezp_param udp_listen_params[] = {
-	{"Listen", EZP_PARAM_ADDR, offsetof(struct udp_listen, listen), NULL, 1, 0, 0, "bind"},
-	{"IdleTimeoutMs", EZP_PARAM_MS, offsetof(struct udp_listen, idle_ms), "60000", 0, 0, 0,
-	 "idle"},
-	EZP_PARAM_END};
+    {"Listen", EZP_PARAM_ADDR, offsetof(struct udp_listen, listen), NULL, 1, 0, 0, "bind"},
+    {"IdleTimeoutMs", EZP_PARAM_MS, offsetof(struct udp_listen, idle_ms), "60000", 0, 0, 0, "idle"},
+    EZP_PARAM_END};
 static const struct ezp_param udp_connect_params[] = {
-	{"Connect", EZP_PARAM_ADDR, offsetof(struct udp_connect, connect), NULL, 1, 0, 0, "to"},
-	EZP_PARAM_END};
+    {"Connect", EZP_PARAM_ADDR, offsetof(struct udp_connect, connect), NULL, 1, 0, 0, "to"},
+    EZP_PARAM_END};
 static const struct ezp_param fault_params[] = {
-	{"Name", EZP_PARAM_STRING, offsetof(struct fault_conf, name), "\"main fault\"", 0, 0, 0,
-	 "n"},
-	{"LatencyMs", EZP_PARAM_MS, offsetof(struct fault_conf, latency_ms), "0", 0, 0, 600000,
-	 "l"},
-	{"Loss", EZP_PARAM_DOUBLE, offsetof(struct fault_conf, loss), "0.0", 0, 0, 0, "loss"},
-	{"Enabled", EZP_PARAM_BOOL, offsetof(struct fault_conf, enabled), "on", 0, 0, 0, "e"},
-	{"Count", EZP_PARAM_INT, offsetof(struct fault_conf, count), "-1", 0, -5, 5, "c"},
-	{"Note", EZP_PARAM_STRING, offsetof(struct fault_conf, note), NULL, 0, 0, 0, "note"},
-	{"Label", EZP_PARAM_STRING, offsetof(struct fault_conf, label), "'it''s'", 0, 0, 0, "lb"},
-	EZP_PARAM_END};
+    {"Name", EZP_PARAM_STRING, offsetof(struct fault_conf, name), "\"main fault\"", 0, 0, 0, "n"},
+    {"LatencyMs", EZP_PARAM_MS, offsetof(struct fault_conf, latency_ms), "0", 0, 0, 600000, "l"},
+    {"Loss", EZP_PARAM_DOUBLE, offsetof(struct fault_conf, loss), "0.0", 0, 0, 0, "loss"},
+    {"Enabled", EZP_PARAM_BOOL, offsetof(struct fault_conf, enabled), "on", 0, 0, 0, "e"},
+    {"Count", EZP_PARAM_INT, offsetof(struct fault_conf, count), "-1", 0, -5, 5, "c"},
+    {"Note", EZP_PARAM_STRING, offsetof(struct fault_conf, note), NULL, 0, 0, 0, "note"},
+    {"Label", EZP_PARAM_STRING, offsetof(struct fault_conf, label), "'it''s'", 0, 0, 0, "lb"},
+    EZP_PARAM_END};
 static const struct ezp_param lua_params[] = {
-	{"Script", EZP_PARAM_STRING, offsetof(struct lua_conf, script), NULL, 1, 0, 0, "file"},
-	{"Mode", EZP_PARAM_STRING, offsetof(struct lua_conf, mode), "callback", 0, 0, 0, "mode"},
-	EZP_PARAM_END};
+    {"Script", EZP_PARAM_STRING, offsetof(struct lua_conf, script), NULL, 1, 0, 0, "file"},
+    {"Mode", EZP_PARAM_STRING, offsetof(struct lua_conf, mode), "callback", 0, 0, 0, "mode"},
+    EZP_PARAM_END};
 
-static const struct ezp_transport_kind tcp_kind = {
-	.struct_size = sizeof(struct ezp_transport_kind), .name = "tcp",
-	.listen_params = tcp_listen_params, .listen_config_size = sizeof(struct tcp_listen),
-	.connect_params = tcp_connect_params, .connect_config_size = sizeof(struct tcp_connect)};
-static const struct ezp_transport_kind udp_kind = {
-	.struct_size = sizeof(struct ezp_transport_kind), .name = "udp",
-	.listen_params = udp_listen_params, .listen_config_size = sizeof(struct udp_listen),
-	.connect_params = udp_connect_params, .connect_config_size = sizeof(struct udp_connect)};
+static const struct ezp_transport_kind tcp_kind = {.struct_size = sizeof(struct ezp_transport_kind),
+						   .name = "tcp",
+						   .listen_params = tcp_listen_params,
+						   .listen_config_size = sizeof(struct tcp_listen),
+						   .connect_params = tcp_connect_params,
+						   .connect_config_size =
+						       sizeof(struct tcp_connect)};
+static const struct ezp_transport_kind udp_kind = {.struct_size = sizeof(struct ezp_transport_kind),
+						   .name = "udp",
+						   .listen_params = udp_listen_params,
+						   .listen_config_size = sizeof(struct udp_listen),
+						   .connect_params = udp_connect_params,
+						   .connect_config_size =
+						       sizeof(struct udp_connect)};
 static const struct ezp_param sink_params[] = {EZP_PARAM_END};
-static const struct ezp_transport_kind sink_kind = { /* connects only, no parameters */
-	.struct_size = sizeof(struct ezp_transport_kind), .name = "sink",
-	.connect_params = sink_params, .connect_config_size = 0};
-static const struct ezp_filter_kind fault_kind = {
-	.struct_size = sizeof(struct ezp_filter_kind), .name = "fault", .params = fault_params,
-	.config_size = sizeof(struct fault_conf)};
-static const struct ezp_filter_kind lua_kind = {
-	.struct_size = sizeof(struct ezp_filter_kind), .name = "lua", .params = lua_params,
-	.config_size = sizeof(struct lua_conf)};
-static const struct ezp_param broken_params[] = {
-	{"X", EZP_PARAM_INT, 64, "1", 0, 0, 0, "x"}, EZP_PARAM_END};
-static const struct ezp_filter_kind broken_kind = { /* offset past config_size */
-	.struct_size = sizeof(struct ezp_filter_kind), .name = "broken", .params = broken_params,
-	.config_size = 8};
-static const struct ezp_filter_kind count_kind = { /* no parameters at all */
-	.struct_size = sizeof(struct ezp_filter_kind), .name = "count"};
+static const struct ezp_transport_kind sink_kind = {/* connects only, no parameters */
+						    .struct_size =
+							sizeof(struct ezp_transport_kind),
+						    .name = "sink",
+						    .connect_params = sink_params,
+						    .connect_config_size = 0};
+static const struct ezp_filter_kind fault_kind = {.struct_size = sizeof(struct ezp_filter_kind),
+						  .name = "fault",
+						  .params = fault_params,
+						  .config_size = sizeof(struct fault_conf)};
+static const struct ezp_filter_kind lua_kind = {.struct_size = sizeof(struct ezp_filter_kind),
+						.name = "lua",
+						.params = lua_params,
+						.config_size = sizeof(struct lua_conf)};
+static const struct ezp_param broken_params[] = {{"X", EZP_PARAM_INT, 64, "1", 0, 0, 0, "x"},
+						 EZP_PARAM_END};
+static const struct ezp_filter_kind broken_kind = {/* offset past config_size */
+						   .struct_size = sizeof(struct ezp_filter_kind),
+						   .name = "broken",
+						   .params = broken_params,
+						   .config_size = 8};
+static const struct ezp_filter_kind count_kind = {/* no parameters at all */
+						  .struct_size = sizeof(struct ezp_filter_kind),
+						  .name = "count"};
 
 struct fake {
 	int no_lua, no_tcp;
@@ -250,7 +264,8 @@ static int config_equal(const struct ezp__config *a, const struct ezp__config *b
 	}
 #define SAME_STR(x, y) ((!(x) && !(y)) || ((x) && (y) && !strcmp((x), (y))))
 	if (a->api.enabled != b->api.enabled || a->api.auth != b->api.auth ||
-	    !SAME_STR(a->api.listen, b->api.listen) || !SAME_STR(a->api.tls_cert, b->api.tls_cert) ||
+	    !SAME_STR(a->api.listen, b->api.listen) ||
+	    !SAME_STR(a->api.tls_cert, b->api.tls_cert) ||
 	    !SAME_STR(a->api.tls_key, b->api.tls_key) || !SAME_STR(a->api.origin, b->api.origin))
 		return 0;
 	for (size_t i = 0; i < a->n_pipelines; i++) {
@@ -272,8 +287,8 @@ static void round_trip(const struct ezp__config *cfg)
 	memset(&err, 0, sizeof(err));
 	rc = ezp__config_parse(text, strlen(text), "dump", &lk, &back, &err);
 	if (rc)
-		print_error("dump does not parse: %d:%d: %s\n%s", err.line, err.column,
-			    err.message, text);
+		print_error("dump does not parse: %d:%d: %s\n%s", err.line, err.column, err.message,
+			    text);
 	assert_int_equal(rc, EZP_OK);
 	assert_true(config_equal(cfg, back));
 	again = ezp__config_dump(back);
@@ -287,33 +302,33 @@ static void round_trip(const struct ezp__config *cfg)
 /* ---- the new form ------------------------------------------------------------ */
 
 static const char full_yaml[] =
-	"Workers: 4\n"
-	"StateDir: /var/lib/ezproxy\n"
-	"Plugins:\n"
-	"  Path: [plugins/, /opt/ezp]\n"
-	"Api:\n"
-	"  Listen: 0.0.0.0:9090\n"
-	"  Auth: no\n"
-	"  Tls: { Cert: cert.pem, Key: key.pem }\n"
-	"  Origin: http://example.com\n"
-	"Limits:\n"
-	"  MaxSessions: 500\n"
-	"  TapBuffer: 16\n"
-	"Pipelines:\n"
-	"  - Name: game\n"
-	"    From: { tcp: { Listen: 0.0.0.0:5554, Backlog: 64, NoDelay: OFF } }\n"
-	"    Through:\n"
-	"      - lua: { Script: filter.lua }\n"
-	"      - fault: { LatencyMs: 50, Loss: 0.25, Count: -5, HoldWindow: 8, Default: drop,\n"
-	"                 HoldTimeoutMs: 100, AllLegs: yes, Note: \"a \\\"quoted\\\" note\" }\n"
-	"      - count:\n"
-	"    To: { tcp: { Connect: '[2001:db8::5]:5555', TimeoutMs: 250 } }\n"
-	"    Shared: true\n"
-	"    Limits: { MaxSessions: 7, MaxPacket: 512 }\n"
-	"  - Name: game-udp\n"
-	"    From: { udp: { Listen: 0.0.0.0:5554, IdleTimeoutMs: 60000 } }\n"
-	"    To: { udp: { Connect: 10.0.0.5:5555 } }\n"
-	"Logging: { Level: DEBUG, Format: json }\n";
+    "Workers: 4\n"
+    "StateDir: /var/lib/ezproxy\n"
+    "Plugins:\n"
+    "  Path: [plugins/, /opt/ezp]\n"
+    "Api:\n"
+    "  Listen: 0.0.0.0:9090\n"
+    "  Auth: no\n"
+    "  Tls: { Cert: cert.pem, Key: key.pem }\n"
+    "  Origin: http://example.com\n"
+    "Limits:\n"
+    "  MaxSessions: 500\n"
+    "  TapBuffer: 16\n"
+    "Pipelines:\n"
+    "  - Name: game\n"
+    "    From: { tcp: { Listen: 0.0.0.0:5554, Backlog: 64, NoDelay: OFF } }\n"
+    "    Through:\n"
+    "      - lua: { Script: filter.lua }\n"
+    "      - fault: { LatencyMs: 50, Loss: 0.25, Count: -5, HoldWindow: 8, Default: drop,\n"
+    "                 HoldTimeoutMs: 100, AllLegs: yes, Note: \"a \\\"quoted\\\" note\" }\n"
+    "      - count:\n"
+    "    To: { tcp: { Connect: '[2001:db8::5]:5555', TimeoutMs: 250 } }\n"
+    "    Shared: true\n"
+    "    Limits: { MaxSessions: 7, MaxPacket: 512 }\n"
+    "  - Name: game-udp\n"
+    "    From: { udp: { Listen: 0.0.0.0:5554, IdleTimeoutMs: 60000 } }\n"
+    "    To: { udp: { Connect: 10.0.0.5:5555 } }\n"
+    "Logging: { Level: DEBUG, Format: json }\n";
 
 static void test_new_full(void **state)
 {
@@ -420,7 +435,7 @@ static void test_defaults(void **state)
 	assert_int_equal(cfg->workers, 0);
 	assert_null(cfg->state_dir);
 	assert_int_equal(cfg->n_plugin_paths, 0);
-	assert_int_equal(fk.paths_calls, 1); /* told even when there is no Plugins key */
+	assert_int_equal(fk.paths_calls, 1);   /* told even when there is no Plugins key */
 	assert_int_equal(cfg->api.enabled, 0); /* no Api key: no API */
 	assert_string_equal(cfg->api.listen, "127.0.0.1:8080");
 	assert_int_equal(cfg->api.auth, 1);
@@ -454,9 +469,10 @@ static void test_defaults(void **state)
 	assert_int_equal(cfg->api.enabled, 1); /* Api given (empty): on, with defaults */
 	assert_int_equal(cfg->workers, 0);
 	ezp__config_free(cfg);
-	cfg = parse_ok("Api: { Tls: ~, Origin: ~ }\nLogging:\nLimits: {}\n"
-		       "Pipelines:\n  - { Name: x.y_z-1, From: { tcp: { Listen: ':1' } }, To: { sink: {} },"
-		       " Through: ~, Shared: ~, Limits: ~ }\n");
+	cfg = parse_ok(
+	    "Api: { Tls: ~, Origin: ~ }\nLogging:\nLimits: {}\n"
+	    "Pipelines:\n  - { Name: x.y_z-1, From: { tcp: { Listen: ':1' } }, To: { sink: {} },"
+	    " Through: ~, Shared: ~, Limits: ~ }\n");
 	assert_null(cfg->api.tls_cert);
 	assert_null(cfg->api.origin);
 	assert_int_equal(cfg->pipelines[0].n_through, 0);
@@ -487,38 +503,38 @@ static void test_builtin_default(void **state)
 	assert_string_equal(cfg->pipelines[0].from.kind, "tcp");
 	assert_string_equal(cfg->pipelines[1].to.kind, "udp");
 	assert_string_equal(
-		fmt_addr(&((const struct tcp_listen *)cfg->pipelines[0].from.config)->listen),
-		"127.0.0.1:5554");
+	    fmt_addr(&((const struct tcp_listen *)cfg->pipelines[0].from.config)->listen),
+	    "127.0.0.1:5554");
 	assert_string_equal(
-		fmt_addr(&((const struct udp_connect *)cfg->pipelines[1].to.config)->connect),
-		"127.0.0.1:5555");
+	    fmt_addr(&((const struct udp_connect *)cfg->pipelines[1].to.config)->connect),
+	    "127.0.0.1:5555");
 	round_trip(cfg);
 	ezp__config_free(cfg);
 }
 
 static void test_aliases_real(void **state)
 {
-	struct ezp__config *cfg = parse_ok("Pipelines:\n"
-					   "  - Name: a\n"
-					   "    From: &from { tcp: { Listen: &addr 127.0.0.1:7 } }\n"
-					   "    Through: &chain\n"
-					   "      - &f fault: { LatencyMs: &ms 5 }\n"
-					   "    To: { tcp: { Connect: *addr, TimeoutMs: *ms } }\n"
-					   "  - Name: b\n"
-					   "    From: *from\n"
-					   "    Through: *chain\n"
-					   "    To: { udp: { Connect: *addr } }\n");
+	struct ezp__config *cfg =
+	    parse_ok("Pipelines:\n"
+		     "  - Name: a\n"
+		     "    From: &from { tcp: { Listen: &addr 127.0.0.1:7 } }\n"
+		     "    Through: &chain\n"
+		     "      - &f fault: { LatencyMs: &ms 5 }\n"
+		     "    To: { tcp: { Connect: *addr, TimeoutMs: *ms } }\n"
+		     "  - Name: b\n"
+		     "    From: *from\n"
+		     "    Through: *chain\n"
+		     "    To: { udp: { Connect: *addr } }\n");
 
 	(void)state;
 	assert_int_equal(cfg->n_pipelines, 2);
 	assert_true(ezp__kind_conf_equal(&cfg->pipelines[0].from, &cfg->pipelines[1].from));
-	assert_true(ezp__kind_conf_equal(&cfg->pipelines[0].through[0],
-					 &cfg->pipelines[1].through[0]));
-	assert_int_equal(((const struct tcp_connect *)cfg->pipelines[0].to.config)->timeout_ms,
-			 5);
+	assert_true(
+	    ezp__kind_conf_equal(&cfg->pipelines[0].through[0], &cfg->pipelines[1].through[0]));
+	assert_int_equal(((const struct tcp_connect *)cfg->pipelines[0].to.config)->timeout_ms, 5);
 	assert_string_equal(
-		fmt_addr(&((const struct udp_connect *)cfg->pipelines[1].to.config)->connect),
-		"127.0.0.1:7");
+	    fmt_addr(&((const struct udp_connect *)cfg->pipelines[1].to.config)->connect),
+	    "127.0.0.1:7");
 	ezp__config_free(cfg);
 }
 
@@ -539,8 +555,8 @@ static void test_plugins_first(void **state)
 	ezp__config_free(cfg);
 
 	fk.paths_fail = 1;
-	parse_err("Plugins:\n  Path: [/nope]\n", EZP_ERR_PLUGIN, "cannot open plugin folder '/nope'",
-		  2, 9);
+	parse_err("Plugins:\n  Path: [/nope]\n", EZP_ERR_PLUGIN,
+		  "cannot open plugin folder '/nope'", 2, 9);
 	fk.paths_fail = 0;
 	lk.plugin_paths = NULL; /* optional */
 	cfg = parse_ok("Plugins: { Path: [a, b] }\n");
@@ -560,11 +576,13 @@ static void test_err_keys(void **state)
 	(void)state;
 	parse_err("Workers: 2\nPipelinez: []\n", EZP_ERR_CONFIG,
 		  "unknown key 'Pipelinez' in the top level (expected one of: Workers, StateDir, "
-		  "Plugins, Api, Logging, Limits, Pipelines)", 2, 1);
+		  "Plugins, Api, Logging, Limits, Pipelines)",
+		  2, 1);
 	parse_err("Pipelines:\n  - Name: game\n    From: { tcp: { Listn: 1.2.3.4:5 } }\n",
 		  EZP_ERR_CONFIG,
 		  "unknown key 'Listn' in Pipelines[0].From.tcp (expected one of: Listen, Backlog, "
-		  "NoDelay)", 3, 20);
+		  "NoDelay)",
+		  3, 20);
 	parse_err("Workers: 2\nLogging: {}\nWorkers: 3\n", EZP_ERR_CONFIG,
 		  "duplicate key 'Workers' in the top level (first given at line 1)", 3, 1);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
@@ -579,18 +597,22 @@ static void test_err_keys(void **state)
 		  EZP_ERR_CONFIG,
 		  "unknown key 'Holdwindow' in Pipelines[0].Through[0].fault (expected one of: "
 		  "Name, LatencyMs, Loss, Enabled, Count, Note, Label, HoldWindow, HoldTimeoutMs, "
-		  "Default, AllLegs)", 4, 25);
+		  "Default, AllLegs)",
+		  4, 25);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
 		  "    Through: [ count: { X: 1 } ]\n",
-		  EZP_ERR_CONFIG, "unknown key 'X' in Pipelines[0].Through[0].count (expected one "
-		  "of: HoldWindow, HoldTimeoutMs, Default, AllLegs)", 4, 25);
-	parse_err("Limits: { MaxSession: 4 }\n", EZP_ERR_CONFIG, "unknown key 'MaxSession' in "
+		  EZP_ERR_CONFIG,
+		  "unknown key 'X' in Pipelines[0].Through[0].count (expected one "
+		  "of: HoldWindow, HoldTimeoutMs, Default, AllLegs)",
+		  4, 25);
+	parse_err("Limits: { MaxSession: 4 }\n", EZP_ERR_CONFIG,
+		  "unknown key 'MaxSession' in "
 		  "Limits (expected one of: MaxSessions, MaxClientLegs, MaxInjectBytes, TapBuffer, "
-		  "MaxPacket)", 1, 11);
+		  "MaxPacket)",
+		  1, 11);
 	parse_err("Api: { UseAuth: true, Listen: ':1' }\n", EZP_ERR_CONFIG,
 		  "unknown key 'Listen' in Api (expected one of: Enable, UseAuth, Address)", 1, 23);
-	parse_err("? [a]\n: 1\n", EZP_ERR_CONFIG, "the top level: keys must be single words", 1,
-		  3);
+	parse_err("? [a]\n: 1\n", EZP_ERR_CONFIG, "the top level: keys must be single words", 1, 3);
 	parse_err("Logging: { Level: info, Colour: red }\n", EZP_ERR_CONFIG,
 		  "unknown key 'Colour' in Logging (expected one of: Level, Format)", 1, 25);
 }
@@ -600,7 +622,8 @@ static void test_err_values(void **state)
 	(void)state;
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: abc } }\n", EZP_ERR_CONFIG,
 		  "Pipelines[0].From.tcp.Listen: 'abc' is not an address (use HOST:PORT, "
-		  "[V6]:PORT or :PORT)", 3, 28);
+		  "[V6]:PORT or :PORT)",
+		  3, 28);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: example.com:80 } }\n",
 		  EZP_ERR_CONFIG, "names are not looked up", 3, 28);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: '1.2.3.4:65536' } }\n",
@@ -609,16 +632,19 @@ static void test_err_values(void **state)
 		  EZP_ERR_CONFIG, "Pipelines[0].From.tcp.Backlog: 0 is out of range (1..65535)", 3,
 		  43);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1', NoDelay: maybe } }\n",
-		  EZP_ERR_CONFIG, "Pipelines[0].From.tcp.NoDelay: 'maybe' is not a boolean (use "
-		  "true or false)", 3, 43);
+		  EZP_ERR_CONFIG,
+		  "Pipelines[0].From.tcp.NoDelay: 'maybe' is not a boolean (use "
+		  "true or false)",
+		  3, 43);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: [1] } }\n", EZP_ERR_CONFIG,
 		  "Pipelines[0].From.tcp.Listen: expected an address (HOST:PORT), found a list", 3,
 		  28);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Backlog: 5 } }\n", EZP_ERR_CONFIG,
 		  "missing required key 'Listen' in Pipelines[0].From.tcp", 3, 13);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
-		  "    Through: [ lua: ]\n", EZP_ERR_CONFIG,
-		  "missing required key 'Script' in Pipelines[0].Through[0].lua", 4, 16);
+		  "    Through: [ lua: ]\n",
+		  EZP_ERR_CONFIG, "missing required key 'Script' in Pipelines[0].Through[0].lua", 4,
+		  16);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
 		  "    Through: [ fault: { Loss: 1e999 } ]\n",
 		  EZP_ERR_CONFIG, "Loss: '1e999' is not a finite number", 4, 31);
@@ -636,16 +662,20 @@ static void test_err_values(void **state)
 		  "    Through: [ fault: { Count: 1.5 } ]\n",
 		  EZP_ERR_CONFIG, "'1.5' is not an integer", 4, 32);
 	parse_err("Pipelines:\n  - Name: a\n    From: { udp: { Listen: ':1', IdleTimeoutMs: "
-		  "99999999999999999999 } }\n", EZP_ERR_CONFIG,
+		  "99999999999999999999 } }\n",
+		  EZP_ERR_CONFIG,
 		  "Pipelines[0].From.udp.IdleTimeoutMs: 99999999999999999999 does not fit in 64 "
-		  "bits", 3, 49);
+		  "bits",
+		  3, 49);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
-		  "    Through: [ fault: { Count: 99999999999999999999 } ]\n", EZP_ERR_CONFIG,
-		  "Count: 99999999999999999999 is out of range (-5..5)", 4, 32);
+		  "    Through: [ fault: { Count: 99999999999999999999 } ]\n",
+		  EZP_ERR_CONFIG, "Count: 99999999999999999999 is out of range (-5..5)", 4, 32);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
 		  "    Through: [ fault: { HoldWindow: 0 } ]\n",
-		  EZP_ERR_CONFIG, "Pipelines[0].Through[0].fault.HoldWindow: 0 is out of range "
-		  "(1..65536)", 4, 37);
+		  EZP_ERR_CONFIG,
+		  "Pipelines[0].Through[0].fault.HoldWindow: 0 is out of range "
+		  "(1..65536)",
+		  4, 37);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
 		  "    Through: [ fault: { HoldTimeoutMs: 3600001 } ]\n",
 		  EZP_ERR_CONFIG, "HoldTimeoutMs: 3600001 is out of range (1..3600000)", 4, 40);
@@ -656,19 +686,24 @@ static void test_err_values(void **state)
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
 		  "    Through: [ fault: { Note: \"a\\0b\" } ]\n",
 		  EZP_ERR_CONFIG, "Note: the value contains a NUL character", 4, 31);
-	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n    To: { sink: }\n"
-		  "    Limits: { MaxSessions: 0 }\n", EZP_ERR_CONFIG,
-		  "Pipelines[0].Limits.MaxSessions: 0 is out of range (1..1000000)", 5, 28);
+	parse_err(
+	    "Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n    To: { sink: }\n"
+	    "    Limits: { MaxSessions: 0 }\n",
+	    EZP_ERR_CONFIG, "Pipelines[0].Limits.MaxSessions: 0 is out of range (1..1000000)", 5,
+	    28);
 	parse_err("Limits:\n  MaxPacket: 100\n", EZP_ERR_CONFIG,
 		  "Limits.MaxPacket: 100 is out of range (512..1048576)", 2, 14);
 	parse_err("Workers: 0\n", EZP_ERR_CONFIG, "Workers: 0 is out of range (1..256)", 1, 10);
-	parse_err("Workers: 257\n", EZP_ERR_CONFIG, "Workers: 257 is out of range (1..256)", 1,
-		  10);
-	parse_err("Workers: many\n", EZP_ERR_CONFIG, "Workers: 'many' is not a number (use auto "
-		  "or 1..256)", 1, 10);
+	parse_err("Workers: 257\n", EZP_ERR_CONFIG, "Workers: 257 is out of range (1..256)", 1, 10);
+	parse_err("Workers: many\n", EZP_ERR_CONFIG,
+		  "Workers: 'many' is not a number (use auto "
+		  "or 1..256)",
+		  1, 10);
 	parse_err("StateDir: ''\n", EZP_ERR_CONFIG, "StateDir: must not be empty", 1, 11);
-	parse_err("StateDir: { a: 1 }\n", EZP_ERR_CONFIG, "StateDir: expected a string, found a "
-		  "map", 1, 11);
+	parse_err("StateDir: { a: 1 }\n", EZP_ERR_CONFIG,
+		  "StateDir: expected a string, found a "
+		  "map",
+		  1, 11);
 	parse_err("Plugins: { Path: [ok, ''] }\n", EZP_ERR_CONFIG,
 		  "Plugins.Path[1]: expected a folder", 1, 23);
 	parse_err("Plugins: [a]\n", EZP_ERR_CONFIG, "Plugins: expected a map, found a list", 1, 10);
@@ -695,25 +730,35 @@ static void test_err_pipelines(void **state)
 	fk.no_lua = 1;
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
 		  "    Through:\n      - lua: { Script: x }\n    To: { sink: }\n",
-		  EZP_ERR_CONFIG, "unknown filter 'lua' in Pipelines[0].Through[0] (no loaded plugin "
-		  "provides it; see 'ezproxy plugins')", 5, 9);
+		  EZP_ERR_CONFIG,
+		  "unknown filter 'lua' in Pipelines[0].Through[0] (no loaded plugin "
+		  "provides it; see 'ezproxy plugins')",
+		  5, 9);
 	fk.no_lua = 0;
-	parse_err("Pipelines:\n  - Name: a\n    From: { quic: { Listen: ':1' } }\n",
-		  EZP_ERR_CONFIG, "unknown transport 'quic' in Pipelines[0].From (no loaded plugin "
-		  "provides it; see 'ezproxy plugins')", 3, 13);
+	parse_err("Pipelines:\n  - Name: a\n    From: { quic: { Listen: ':1' } }\n", EZP_ERR_CONFIG,
+		  "unknown transport 'quic' in Pipelines[0].From (no loaded plugin "
+		  "provides it; see 'ezproxy plugins')",
+		  3, 13);
 	parse_err("Pipelines:\n  - Name: a\n    From: { sink: }\n", EZP_ERR_CONFIG,
 		  "transport 'sink' cannot listen (in Pipelines[0].From)", 3, 13);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
-		  "    To: { fault: }\n", EZP_ERR_CONFIG, "unknown transport 'fault' in "
-		  "Pipelines[0].To", 4, 11);
-	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n    To: { sink: }\n"
-		  "  - Name: b\n    From: { tcp: { Listen: ':2' } }\n    To: { sink: }\n"
-		  "  - Name: a\n    From: { tcp: { Listen: ':3' } }\n    To: { sink: }\n",
-		  EZP_ERR_CONFIG, "duplicate pipeline name 'a' in Pipelines[2] (already used by "
-		  "Pipelines[0])", 8, 5);
+		  "    To: { fault: }\n",
+		  EZP_ERR_CONFIG,
+		  "unknown transport 'fault' in "
+		  "Pipelines[0].To",
+		  4, 11);
+	parse_err(
+	    "Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n    To: { sink: }\n"
+	    "  - Name: b\n    From: { tcp: { Listen: ':2' } }\n    To: { sink: }\n"
+	    "  - Name: a\n    From: { tcp: { Listen: ':3' } }\n    To: { sink: }\n",
+	    EZP_ERR_CONFIG,
+	    "duplicate pipeline name 'a' in Pipelines[2] (already used by "
+	    "Pipelines[0])",
+	    8, 5);
 	parse_err("Pipelines:\n  - Name: 'a b'\n", EZP_ERR_CONFIG,
 		  "Pipelines[0].Name: 'a b' is not a valid pipeline name (use 1 to 64 of A-Z a-z "
-		  "0-9 _ . -)", 2, 11);
+		  "0-9 _ . -)",
+		  2, 11);
 	parse_err("Pipelines:\n  - Name: "
 		  "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n",
 		  EZP_ERR_CONFIG, "is not a valid pipeline name", 2, 11);
@@ -726,24 +771,28 @@ static void test_err_pipelines(void **state)
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' }, udp: {} }\n",
 		  EZP_ERR_CONFIG, "Pipelines[0].From: give exactly one transport kind, found 2", 3,
 		  36);
-	parse_err("Pipelines:\n  - Name: a\n    From: {}\n", EZP_ERR_CONFIG,
-		  "Pipelines[0].From: expected a map with one transport kind, e.g. { tcp: { Listen: "
-		  "0.0.0.0:5554 } }, found an empty map", 3, 11);
+	parse_err(
+	    "Pipelines:\n  - Name: a\n    From: {}\n", EZP_ERR_CONFIG,
+	    "Pipelines[0].From: expected a map with one transport kind, e.g. { tcp: { Listen: "
+	    "0.0.0.0:5554 } }, found an empty map",
+	    3, 11);
 	parse_err("Pipelines:\n  - Name: a\n    From: tcp\n", EZP_ERR_CONFIG,
 		  "found a single value", 3, 11);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: 5 }\n", EZP_ERR_CONFIG,
 		  "Pipelines[0].From.tcp: expected a map of parameters", 3, 18);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
-		  "    Through: { lua: {} }\n", EZP_ERR_CONFIG,
-		  "Pipelines[0].Through: expected a list of filters", 4, 14);
+		  "    Through: { lua: {} }\n",
+		  EZP_ERR_CONFIG, "Pipelines[0].Through: expected a list of filters", 4, 14);
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
-		  "    Through: [ lua ]\n", EZP_ERR_CONFIG,
-		  "Pipelines[0].Through[0]: expected a map with one filter kind", 4, 16);
+		  "    Through: [ lua ]\n",
+		  EZP_ERR_CONFIG, "Pipelines[0].Through[0]: expected a map with one filter kind", 4,
+		  16);
 	parse_err("Pipelines:\n  - Name: a\n    From: { [x]: 1 }\n", EZP_ERR_CONFIG,
 		  "Pipelines[0].From: the transport kind must be a name", 3, 13);
-	parse_err("Pipelines:\n  - Name: a\n    Shared: sometimes\n    From: { tcp: { Listen: ':1' } "
-		  "}\n    To: { sink: }\n", EZP_ERR_CONFIG,
-		  "Pipelines[0].Shared: 'sometimes' is not a boolean", 3, 13);
+	parse_err(
+	    "Pipelines:\n  - Name: a\n    Shared: sometimes\n    From: { tcp: { Listen: ':1' } "
+	    "}\n    To: { sink: }\n",
+	    EZP_ERR_CONFIG, "Pipelines[0].Shared: 'sometimes' is not a boolean", 3, 13);
 	parse_err("Pipelines: { Name: a }\n", EZP_ERR_CONFIG, "Pipelines: expected a list", 1, 12);
 	parse_err("Pipelines: [ 3 ]\n", EZP_ERR_CONFIG,
 		  "Pipelines[0]: expected a map with Name, From and To, found a single value", 1,
@@ -753,17 +802,21 @@ static void test_err_pipelines(void **state)
 static void test_err_yaml(void **state)
 {
 	(void)state;
-	parse_err("Workers: 2\nApi: [\n", EZP_ERR_CONFIG, "YAML syntax error: did not find "
-		  "expected node content", 3, 1);
-	parse_err("a: b: c\n", EZP_ERR_CONFIG, "YAML syntax error: mapping values are not allowed "
-		  "in this context", 1, 5);
-	parse_err("Workers: *nope\n", EZP_ERR_CONFIG, "YAML syntax error: found undefined alias",
-		  1, 10);
+	parse_err("Workers: 2\nApi: [\n", EZP_ERR_CONFIG,
+		  "YAML syntax error: did not find "
+		  "expected node content",
+		  3, 1);
+	parse_err("a: b: c\n", EZP_ERR_CONFIG,
+		  "YAML syntax error: mapping values are not allowed "
+		  "in this context",
+		  1, 5);
+	parse_err("Workers: *nope\n", EZP_ERR_CONFIG, "YAML syntax error: found undefined alias", 1,
+		  10);
 	parse_err("Workers: 1\n---\nWorkers: 2\n", EZP_ERR_CONFIG,
 		  "the config holds more than one YAML document", 3, 1);
 	parse_err("Workers: 1\n---\n: [\n", EZP_ERR_CONFIG, "YAML syntax error", 0, 0);
-	parse_err("Workers: \"1\x01\"\n", EZP_ERR_CONFIG, "control characters are not allowed",
-		  1, 12);
+	parse_err("Workers: \"1\x01\"\n", EZP_ERR_CONFIG, "control characters are not allowed", 1,
+		  12);
 	parse_err("Workers: 1\nStateDir: \xff\n", EZP_ERR_CONFIG, "not readable text", 2, 11);
 	{ /* a NUL byte inside the buffer */
 		static const char t[] = "Workers: 1\0\n";
@@ -790,14 +843,15 @@ static void test_err_hostile(void **state)
 	parse_err("a: &a [*a, *a]\nb: &b [*a, *a]\nc: &c [*b, *b]\n", EZP_ERR_CONFIG,
 		  "unknown key 'a'", 1, 1);
 	/* many pipelines sharing one long filter chain through aliases */
-	parse_err("Pipelines:\n"
-		  "  - { Name: a, From: { tcp: { Listen: ':1' } }, To: { sink: }, Through: &t [\n"
-		  "      &f { count: }, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f,\n"
-		  "      *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f ] }\n"
-		  "  - { Name: b, From: { tcp: { Listen: ':1' } }, To: { sink: }, Through: *t }\n"
-		  "  - { Name: c, From: { tcp: { Listen: ':1' } }, To: { sink: }, Through: *t }\n"
-		  "  - { Name: d, From: { tcp: { Listen: ':1' } }, To: { sink: }, Through: *t }\n",
-		  EZP_ERR_CONFIG, "through '*' aliases", 0, 0);
+	parse_err(
+	    "Pipelines:\n"
+	    "  - { Name: a, From: { tcp: { Listen: ':1' } }, To: { sink: }, Through: &t [\n"
+	    "      &f { count: }, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f,\n"
+	    "      *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f, *f ] }\n"
+	    "  - { Name: b, From: { tcp: { Listen: ':1' } }, To: { sink: }, Through: *t }\n"
+	    "  - { Name: c, From: { tcp: { Listen: ':1' } }, To: { sink: }, Through: *t }\n"
+	    "  - { Name: d, From: { tcp: { Listen: ':1' } }, To: { sink: }, Through: *t }\n",
+	    EZP_ERR_CONFIG, "through '*' aliases", 0, 0);
 	deep = malloc(2 * n + 16);
 	assert_non_null(deep);
 	memset(deep, '[', n);
@@ -818,8 +872,7 @@ static void test_err_hostile(void **state)
 	assert_int_equal(ezp__config_parse("Workers: 1", 10, "x", &lk, &cfg, NULL), EZP_OK);
 	ezp__config_free(cfg);
 	cfg = NULL;
-	assert_int_equal(ezp__config_parse("Workers: x", 10, "x", &lk, &cfg, NULL),
-			 EZP_ERR_CONFIG);
+	assert_int_equal(ezp__config_parse("Workers: x", 10, "x", &lk, &cfg, NULL), EZP_ERR_CONFIG);
 	assert_int_equal(ezp__config_parse(pipe_ok, 5u * 1024 * 1024, "x", &lk, &cfg, &err),
 			 EZP_ERR_CONFIG);
 	assert_non_null(strstr(err.message, "larger than 4 MiB"));
@@ -891,12 +944,12 @@ static void test_legacy(void **state)
 		       "Debug: true\n");
 	assert_int_equal(cfg->log_level, EZP_LOG_DEBUG);
 	assert_int_equal(cfg->api.enabled, 0);
-	assert_string_equal(fmt_addr(&((const struct tcp_listen *)
-					       cfg->pipelines[0].from.config)->listen),
-			    "10.1.2.3:1");
-	assert_string_equal(fmt_addr(&((const struct udp_connect *)
-					       cfg->pipelines[1].to.config)->connect),
-			    "[::1]:2");
+	assert_string_equal(
+	    fmt_addr(&((const struct tcp_listen *)cfg->pipelines[0].from.config)->listen),
+	    "10.1.2.3:1");
+	assert_string_equal(
+	    fmt_addr(&((const struct udp_connect *)cfg->pipelines[1].to.config)->connect),
+	    "[::1]:2");
 	ezp__config_free(cfg);
 
 	cfg = parse_ok("Api: { Enable: false }\n"); /* nothing new-form: the old form */
@@ -932,18 +985,22 @@ static void test_legacy_lua(void **state)
 		assert_string_equal(lc->mode, "main");
 		assert_int_equal(cfg->pipelines[i].through[0].hold.window, 64);
 	}
-	assert_string_equal(fmt_addr(&((const struct tcp_listen *)
-					       cfg->pipelines[0].from.config)->listen),
-			    "0.0.0.0:7000");
+	assert_string_equal(
+	    fmt_addr(&((const struct tcp_listen *)cfg->pipelines[0].from.config)->listen),
+	    "0.0.0.0:7000");
 	round_trip(cfg);
 	ezp__config_free(cfg);
 
 	fk.no_lua = 1;
-	parse_err(lua_on, EZP_ERR_CONFIG, "Lua.Enable is true but no loaded plugin provides the "
-		  "'lua' filter", 3, 3);
+	parse_err(lua_on, EZP_ERR_CONFIG,
+		  "Lua.Enable is true but no loaded plugin provides the "
+		  "'lua' filter",
+		  3, 3);
 	fk.no_lua = 0;
-	parse_err("Lua: { Enable: yes }\n", EZP_ERR_CONFIG, "Lua.Enable is true but Lua.Path is "
-		  "empty", 1, 8);
+	parse_err("Lua: { Enable: yes }\n", EZP_ERR_CONFIG,
+		  "Lua.Enable is true but Lua.Path is "
+		  "empty",
+		  1, 8);
 	parse_err("Lua: { Mode: sometimes }\n", EZP_ERR_CONFIG,
 		  "Lua.Mode: 'sometimes' is not allowed here (use main or callback)", 1, 14);
 }
@@ -952,8 +1009,10 @@ static void test_legacy_errors(void **state)
 {
 	(void)state;
 	fk.no_tcp = 1;
-	parse_err(old_yaml, EZP_ERR_CONFIG, "the old program's form (ProxyAddress, ServerAddress) "
-		  "needs it but no loaded plugin provides the 'tcp' transport", 1, 1);
+	parse_err(old_yaml, EZP_ERR_CONFIG,
+		  "the old program's form (ProxyAddress, ServerAddress) "
+		  "needs it but no loaded plugin provides the 'tcp' transport",
+		  1, 1);
 	fk.no_tcp = 0;
 	parse_err("ProxyAddress: { Port: 1 }\nPipelines: []\n", EZP_ERR_CONFIG,
 		  "key 'Pipelines' cannot be mixed with the old program's keys", 2, 1);
@@ -961,7 +1020,8 @@ static void test_legacy_errors(void **state)
 		  "unknown key 'Host' in ProxyAddress (expected one of: Address, Port)", 1, 26);
 	parse_err("Debug: true\nDebg: 1\n", EZP_ERR_CONFIG,
 		  "unknown key 'Debg' in the top level (expected one of: ProxyAddress, "
-		  "ServerAddress, Logging, Api, Lua, Debug)", 2, 1);
+		  "ServerAddress, Logging, Api, Lua, Debug)",
+		  2, 1);
 	parse_err("Debug: true\nDebug: false\n", EZP_ERR_CONFIG,
 		  "duplicate key 'Debug' in the top level", 2, 1);
 	parse_err("ProxyAddress: { Port: 70000 }\n", EZP_ERR_CONFIG,
@@ -971,7 +1031,8 @@ static void test_legacy_errors(void **state)
 	parse_err("Api: { UseAuth: false, Address: '1.2.3.4:5' }\n", EZP_ERR_CONFIG,
 		  "Api.Address: expected a map, found a single value", 1, 33);
 	parse_err("Api: { UseAuth: false }\nLogging: { Level: warn, Format: text }\n",
-		  EZP_ERR_CONFIG, "unknown key 'Format' in Logging (expected one of: Level)", 2, 25);
+		  EZP_ERR_CONFIG, "unknown key 'Format' in Logging (expected one of: Level)", 2,
+		  25);
 }
 
 /* ---- kind items, equality, copies ---------------------------------------------- */
@@ -994,27 +1055,29 @@ static void test_kind_conf_parse(void **state)
 	assert_int_equal(kc.line, 1);
 	assert_int_equal(kc.column, 1);
 
-	assert_int_equal(ezp__kind_conf_parse("{ tcp: { Connect: '127.0.0.1:9' } }", 0, &lk, &k2,
-					      &err), EZP_OK);
+	assert_int_equal(
+	    ezp__kind_conf_parse("{ tcp: { Connect: '127.0.0.1:9' } }", 0, &lk, &k2, &err), EZP_OK);
 	assert_true(ezp__kind_conf_equal(&kc, &k2));
 	ezp__kind_conf_clear(&k2);
-	assert_int_equal(ezp__kind_conf_parse("{ tcp: { Connect: '127.0.0.1:10' } }", 0, &lk, &k2,
-					      &err), EZP_OK);
+	assert_int_equal(
+	    ezp__kind_conf_parse("{ tcp: { Connect: '127.0.0.1:10' } }", 0, &lk, &k2, &err),
+	    EZP_OK);
 	assert_false(ezp__kind_conf_equal(&kc, &k2));
 	ezp__kind_conf_clear(&k2);
 	ezp__kind_conf_clear(&kc);
 	ezp__kind_conf_clear(&kc); /* a cleared conf clears again */
 	ezp__kind_conf_clear(NULL);
 
-	assert_int_equal(ezp__kind_conf_parse("{fault: {Default: drop, Note: hi}}", 1, &lk, &kc,
-					      &err), EZP_OK);
+	assert_int_equal(
+	    ezp__kind_conf_parse("{fault: {Default: drop, Note: hi}}", 1, &lk, &kc, &err), EZP_OK);
 	assert_ptr_equal(kc.filter, &fault_kind);
 	assert_int_equal(kc.hold.default_drop, 1);
 	assert_string_equal(((const struct fault_conf *)kc.config)->note, "hi");
 	ezp__kind_conf_clear(&kc);
 
-	assert_int_equal(ezp__kind_conf_parse("udp: { Listen: '[::]:53' }", EZP__KIND_LISTEN, &lk,
-					      &kc, &err), EZP_OK);
+	assert_int_equal(
+	    ezp__kind_conf_parse("udp: { Listen: '[::]:53' }", EZP__KIND_LISTEN, &lk, &kc, &err),
+	    EZP_OK);
 	assert_ptr_equal(kc.params, udp_listen_params);
 	assert_string_equal(fmt_addr(&((const struct udp_listen *)kc.config)->listen), "[::]:53");
 	ezp__kind_conf_clear(&kc);
@@ -1023,7 +1086,7 @@ static void test_kind_conf_parse(void **state)
 	assert_int_equal(ezp__kind_conf_parse("tcp: {Listen: ':1'}", 0, &lk, &kc, &err),
 			 EZP_ERR_CONFIG);
 	assert_string_equal(err.message, "unknown key 'Listen' in tcp (expected one of: Connect, "
-			    "TimeoutMs)");
+					 "TimeoutMs)");
 	assert_string_equal(err.file, "<string>");
 	assert_int_equal(err.line, 1);
 	assert_int_equal(err.column, 7);
@@ -1054,8 +1117,9 @@ static void test_through_parse(void **state)
 	size_t n = 77;
 
 	(void)state;
-	assert_int_equal(ezp__through_parse("- lua: { Script: a.lua }\n- count:\n", &lk, &items, &n,
-					    &err), EZP_OK);
+	assert_int_equal(
+	    ezp__through_parse("- lua: { Script: a.lua }\n- count:\n", &lk, &items, &n, &err),
+	    EZP_OK);
 	assert_int_equal(n, 2);
 	assert_string_equal(((const struct lua_conf *)items[0].config)->script, "a.lua");
 	assert_ptr_equal(items[1].filter, &count_kind);
@@ -1071,9 +1135,11 @@ static void test_through_parse(void **state)
 	}
 	items = (struct ezp__kind_conf *)0x1;
 	n = 77;
-	assert_int_equal(ezp__through_parse("- count:\n- lua: { Scrip: x }\n", &lk, &items, &n,
-					    &err), EZP_ERR_CONFIG);
-	assert_string_equal(err.message, "unknown key 'Scrip' in Through[1].lua (expected one of: "
+	assert_int_equal(
+	    ezp__through_parse("- count:\n- lua: { Scrip: x }\n", &lk, &items, &n, &err),
+	    EZP_ERR_CONFIG);
+	assert_string_equal(err.message,
+			    "unknown key 'Scrip' in Through[1].lua (expected one of: "
 			    "Script, Mode, HoldWindow, HoldTimeoutMs, Default, AllLegs)");
 	assert_int_equal(err.line, 2);
 	assert_int_equal(err.column, 10);
@@ -1114,14 +1180,17 @@ static void test_equal_copy(void **state)
 
 	fc = b->pipelines[0].through[1].config;
 	fc->loss = 0.5;
-	assert_false(ezp__kind_conf_equal(&a->pipelines[0].through[1], &b->pipelines[0].through[1]));
+	assert_false(
+	    ezp__kind_conf_equal(&a->pipelines[0].through[1], &b->pipelines[0].through[1]));
 	fc->loss = 0.25;
 	free(fc->note);
 	fc->note = strdup("other");
-	assert_false(ezp__kind_conf_equal(&a->pipelines[0].through[1], &b->pipelines[0].through[1]));
+	assert_false(
+	    ezp__kind_conf_equal(&a->pipelines[0].through[1], &b->pipelines[0].through[1]));
 	free(fc->note);
 	fc->note = NULL;
-	assert_false(ezp__kind_conf_equal(&a->pipelines[0].through[1], &b->pipelines[0].through[1]));
+	assert_false(
+	    ezp__kind_conf_equal(&a->pipelines[0].through[1], &b->pipelines[0].through[1]));
 	assert_false(ezp__kind_conf_equal(&a->pipelines[0].from, &a->pipelines[1].from));
 	assert_false(ezp__kind_conf_equal(&a->pipelines[0].from, &a->pipelines[0].to));
 
@@ -1167,17 +1236,19 @@ static void test_params_defaults(void **state)
 
 	{ /* a plugin whose default does not parse is reported, not trusted */
 		static const struct ezp_param bad[] = {
-			{"Port", EZP_PARAM_INT, 0, "eighty", 0, 0, 0, "p"}, EZP_PARAM_END};
+		    {"Port", EZP_PARAM_INT, 0, "eighty", 0, 0, 0, "p"}, EZP_PARAM_END};
 		int64_t v = 0;
 		assert_int_equal(ezp__params_defaults(bad, &v, &err), EZP_ERR_CONFIG);
 		assert_non_null(strstr(err.message, "Port (the plugin's default): 'eighty' is not "
-					"an integer"));
+						    "an integer"));
 	}
 	/* a table that points outside its struct is refused, not written */
 	parse_err("Pipelines:\n  - Name: a\n    From: { tcp: { Listen: ':1' } }\n"
-		  "    Through: [ broken: { X: 1 } ]\n", EZP_ERR_CONFIG,
+		  "    Through: [ broken: { X: 1 } ]\n",
+		  EZP_ERR_CONFIG,
 		  "parameter 'X' of 'broken' has a bad type or lies outside its config struct "
-		  "(a bug in its plugin)", 4, 16);
+		  "(a bug in its plugin)",
+		  4, 16);
 }
 
 /* ---- the dump ------------------------------------------------------------------ */
@@ -1223,11 +1294,12 @@ static void test_dump(void **state)
 	free(text);
 	ezp__config_free(cfg);
 
-	cfg = parse_ok("Pipelines:\n  - Name: d\n    From: { tcp: { Listen: ':1' } }\n"
-		       "    Through:\n      - fault: { Loss: 0x1p-1074 }\n      - fault: { Loss: -0.0 }\n"
-		       "      - fault: { Loss: 0.1 }\n      - fault: { Loss: 1e308 }\n"
-		       "      - fault: { Loss: 4.9406564584124654e-324 }\n"
-		       "    To: { sink: }\n");
+	cfg = parse_ok(
+	    "Pipelines:\n  - Name: d\n    From: { tcp: { Listen: ':1' } }\n"
+	    "    Through:\n      - fault: { Loss: 0x1p-1074 }\n      - fault: { Loss: -0.0 }\n"
+	    "      - fault: { Loss: 0.1 }\n      - fault: { Loss: 1e308 }\n"
+	    "      - fault: { Loss: 4.9406564584124654e-324 }\n"
+	    "    To: { sink: }\n");
 	assert_true(((const struct fault_conf *)cfg->pipelines[0].through[0].config)->loss > 0);
 	round_trip(cfg); /* doubles come back exactly */
 	ezp__config_free(cfg);
@@ -1245,24 +1317,44 @@ static void test_addr(void **state)
 	static const struct {
 		const char *in, *out;
 	} good[] = {
-		{"1.2.3.4:5", "1.2.3.4:5"},
-		{":80", "0.0.0.0:80"},
-		{"localhost:8080", "127.0.0.1:8080"},
-		{"LocalHost:1", "127.0.0.1:1"},
-		{"0.0.0.0:0", "0.0.0.0:0"},
-		{"255.255.255.255:65535", "255.255.255.255:65535"},
-		{"[::1]:5", "[::1]:5"},
-		{"[::]:0", "[::]:0"},
-		{"[2001:DB8:0:0:0:0:0:1]:443", "[2001:db8::1]:443"},
-		{"[::ffff:10.0.0.1]:9", "[::ffff:10.0.0.1]:9"},
-		{"127.0.0.1:00080", "127.0.0.1:80"},
+	    {"1.2.3.4:5", "1.2.3.4:5"},
+	    {":80", "0.0.0.0:80"},
+	    {"localhost:8080", "127.0.0.1:8080"},
+	    {"LocalHost:1", "127.0.0.1:1"},
+	    {"0.0.0.0:0", "0.0.0.0:0"},
+	    {"255.255.255.255:65535", "255.255.255.255:65535"},
+	    {"[::1]:5", "[::1]:5"},
+	    {"[::]:0", "[::]:0"},
+	    {"[2001:DB8:0:0:0:0:0:1]:443", "[2001:db8::1]:443"},
+	    {"[::ffff:10.0.0.1]:9", "[::ffff:10.0.0.1]:9"},
+	    {"127.0.0.1:00080", "127.0.0.1:80"},
 	};
-	static const char *const bad[] = {
-		"", "abc", "1.2.3.4", "1.2.3.4:", ":", "1.2.3.4:65536", "1.2.3.4:-1", "1.2.3.4:+1",
-		"1.2.3.4:1x", "1.2.3.4:123456", "1.2.3:5", "1.2.3.4.5:6", "256.1.1.1:1",
-		"::1:5", "[::1]", "[::1]5", "[::1]:", "[]:5", "[1.2.3.4]:5", "[::1:5",
-		"example.com:80", " 1.2.3.4:5", "1.2.3.4:5 ", "[fe80::1%eth0]:5",
-		"[::1]:5:6", "0x7f.1:80"};
+	static const char *const bad[] = {"",
+					  "abc",
+					  "1.2.3.4",
+					  "1.2.3.4:",
+					  ":",
+					  "1.2.3.4:65536",
+					  "1.2.3.4:-1",
+					  "1.2.3.4:+1",
+					  "1.2.3.4:1x",
+					  "1.2.3.4:123456",
+					  "1.2.3:5",
+					  "1.2.3.4.5:6",
+					  "256.1.1.1:1",
+					  "::1:5",
+					  "[::1]",
+					  "[::1]5",
+					  "[::1]:",
+					  "[]:5",
+					  "[1.2.3.4]:5",
+					  "[::1:5",
+					  "example.com:80",
+					  " 1.2.3.4:5",
+					  "1.2.3.4:5 ",
+					  "[fe80::1%eth0]:5",
+					  "[::1]:5:6",
+					  "0x7f.1:80"};
 	struct ezp_addr a;
 	struct ezp_error err;
 	char buf[EZP_ADDR_STRLEN], tiny[4];
@@ -1295,17 +1387,17 @@ static void test_addr(void **state)
 	assert_int_equal(ezp__addr_parse(NULL, &a, &err), EZP_ERR_INVAL);
 	assert_int_equal(ezp__addr_parse("abc", &a, &err), EZP_ERR_INVAL);
 	assert_string_equal(err.message, "'abc' is not an address (use HOST:PORT, [V6]:PORT or "
-			    ":PORT)");
+					 ":PORT)");
 	assert_int_equal(ezp__addr_parse("::1:5", &a, &err), EZP_ERR_INVAL);
 	assert_string_equal(err.message, "'::1:5' is not an address (write IPv6 addresses as "
-			    "[V6]:PORT)");
+					 "[V6]:PORT)");
 
 	memset(&a, 0, sizeof(a));
 	assert_string_equal(ezp__addr_format(&a, buf, sizeof(buf)), "");
 	assert_string_equal(ezp__addr_format(NULL, buf, sizeof(buf)), "");
 	assert_string_equal(ezp__addr_format(&a, NULL, 0), "");
-	assert_int_equal(ezp__addr_parse("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", &a,
-					 &err), EZP_OK);
+	assert_int_equal(
+	    ezp__addr_parse("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", &a, &err), EZP_OK);
 	assert_string_equal(ezp__addr_format(&a, buf, sizeof(buf)),
 			    "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535");
 	assert_string_equal(ezp__addr_format(&a, tiny, sizeof(tiny)), "[ff");
@@ -1320,8 +1412,9 @@ static void test_error_set(void **state)
 
 	(void)state;
 	memset(&err, 0x7f, sizeof(err));
-	assert_int_equal(ezp__error_set(&err, EZP_ERR_IO, EZP_SIDE_SERVER, NULL, 3, 4, "x %d %s",
-					7, "y"), EZP_ERR_IO);
+	assert_int_equal(
+	    ezp__error_set(&err, EZP_ERR_IO, EZP_SIDE_SERVER, NULL, 3, 4, "x %d %s", 7, "y"),
+	    EZP_ERR_IO);
 	assert_int_equal(err.code, EZP_ERR_IO);
 	assert_int_equal(err.side, EZP_SIDE_SERVER);
 	assert_string_equal(err.file, "");
@@ -1347,7 +1440,7 @@ static void test_load(void **state)
 	(void)state;
 	assert_int_equal(ezp__config_load("/nonexistent/ezp.yaml", &lk, &cfg, &err), EZP_ERR_IO);
 	assert_string_equal(err.message, "cannot read config '/nonexistent/ezp.yaml': No such file "
-			    "or directory");
+					 "or directory");
 	assert_string_equal(err.file, "/nonexistent/ezp.yaml");
 	assert_null(cfg);
 	assert_int_equal(ezp__config_load("/tmp", &lk, &cfg, &err), EZP_ERR_IO);
@@ -1384,27 +1477,27 @@ static void test_load(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test_setup(test_new_full, setup),
-		cmocka_unit_test_setup(test_defaults, setup),
-		cmocka_unit_test_setup(test_builtin_default, setup),
-		cmocka_unit_test_setup(test_aliases_real, setup),
-		cmocka_unit_test_setup(test_plugins_first, setup),
-		cmocka_unit_test_setup(test_err_keys, setup),
-		cmocka_unit_test_setup(test_err_values, setup),
-		cmocka_unit_test_setup(test_err_pipelines, setup),
-		cmocka_unit_test_setup(test_err_yaml, setup),
-		cmocka_unit_test_setup(test_err_hostile, setup),
-		cmocka_unit_test_setup(test_legacy, setup),
-		cmocka_unit_test_setup(test_legacy_lua, setup),
-		cmocka_unit_test_setup(test_legacy_errors, setup),
-		cmocka_unit_test_setup(test_kind_conf_parse, setup),
-		cmocka_unit_test_setup(test_through_parse, setup),
-		cmocka_unit_test_setup(test_equal_copy, setup),
-		cmocka_unit_test_setup(test_params_defaults, setup),
-		cmocka_unit_test_setup(test_dump, setup),
-		cmocka_unit_test_setup(test_addr, setup),
-		cmocka_unit_test_setup(test_error_set, setup),
-		cmocka_unit_test_setup(test_load, setup),
+	    cmocka_unit_test_setup(test_new_full, setup),
+	    cmocka_unit_test_setup(test_defaults, setup),
+	    cmocka_unit_test_setup(test_builtin_default, setup),
+	    cmocka_unit_test_setup(test_aliases_real, setup),
+	    cmocka_unit_test_setup(test_plugins_first, setup),
+	    cmocka_unit_test_setup(test_err_keys, setup),
+	    cmocka_unit_test_setup(test_err_values, setup),
+	    cmocka_unit_test_setup(test_err_pipelines, setup),
+	    cmocka_unit_test_setup(test_err_yaml, setup),
+	    cmocka_unit_test_setup(test_err_hostile, setup),
+	    cmocka_unit_test_setup(test_legacy, setup),
+	    cmocka_unit_test_setup(test_legacy_lua, setup),
+	    cmocka_unit_test_setup(test_legacy_errors, setup),
+	    cmocka_unit_test_setup(test_kind_conf_parse, setup),
+	    cmocka_unit_test_setup(test_through_parse, setup),
+	    cmocka_unit_test_setup(test_equal_copy, setup),
+	    cmocka_unit_test_setup(test_params_defaults, setup),
+	    cmocka_unit_test_setup(test_dump, setup),
+	    cmocka_unit_test_setup(test_addr, setup),
+	    cmocka_unit_test_setup(test_error_set, setup),
+	    cmocka_unit_test_setup(test_load, setup),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
