@@ -512,7 +512,7 @@ int ezp__config_load(const char *path, const struct ezp__kind_lookup *lookup,
 					    path);
 			goto out;
 		}
-		cap *= 2;
+		cap = cap * 2 > EZP__CONFIG_MAX_BYTES ? EZP__CONFIG_MAX_BYTES + 1 : cap * 2;
 	}
 	if (ferror(f)) {
 		rc = ezp__error_set(err, EZP_ERR_IO, EZP_SIDE_CONFIG, path, 0, 0,

@@ -1,8 +1,9 @@
 /*
  * config_dump.c - write a resolved config back as YAML in the new form,
  * every default spelled out, so that `ezproxy check` shows what will run
- * and ezp__config_parse reads the text back to an equal config.
- * Thread: any (reads only the config it is given).
+ * and ezp__config_parse reads the text back to an equal config; and the
+ * equality of kind and pipeline confs that a reload diffs with.
+ * Thread: any (reads only the configs it is given).
  */
 #include <inttypes.h>
 #include <stdarg.h>
@@ -290,4 +291,81 @@ char *ezp__config_dump(const struct ezp__config *cfg)
 		return NULL;
 	}
 	return o.p;
+}
+
+/* ---- equality ------------------------------------------------------------------ */
+
+static const struct ezp_param *param_find(const struct ezp_param *params, const char *key)
+{
+	for (size_t i = 0; params && params[i].key && i < EZP__MAX_PARAMS; i++) {
+		if (!strcmp(params[i].key, key))
+			return &params[i];
+	}
+	return NULL;
+}
+
+static int param_equal(const struct ezp_param *pa, const void *ca, const struct ezp_param *pb,
+		       const void *cb)
+{
+	const char *a = (const char *)ca + pa->offset, *b = (const char *)cb + pb->offset;
+
+	switch (pa->type) {
+	case EZP_PARAM_STRING: {
+		char *sa, *sb;
+		memcpy(&sa, a, sizeof(sa));
+		memcpy(&sb, b, sizeof(sb));
+		return sa == sb || (sa && sb && !strcmp(sa, sb));
+	}
+	case EZP_PARAM_DOUBLE: {
+		double da, db;
+		memcpy(&da, a, sizeof(da));
+		memcpy(&db, b, sizeof(db));
+		return da == db;
+	}
+	case EZP_PARAM_ADDR: {
+		struct ezp_addr aa, ab;
+		memcpy(&aa, a, sizeof(aa));
+		memcpy(&ab, b, sizeof(ab));
+		return aa.len == ab.len && aa.len <= sizeof(aa.ss) &&
+		       !memcmp(&aa.ss, &ab.ss, aa.len);
+	}
+	default:
+		return !memcmp(a, b, ezp__param_size(pa->type));
+	}
+}
+
+int ezp__kind_conf_equal(const struct ezp__kind_conf *a, const struct ezp__kind_conf *b)
+{
+	size_t na = ezp__params_count(a->params), nb = ezp__params_count(b->params);
+
+	if (!a->kind || !b->kind || strcmp(a->kind, b->kind) || na != nb ||
+	    memcmp(&a->hold, &b->hold, sizeof(a->hold)))
+		return 0;
+	for (size_t i = 0; i < na && i < EZP__MAX_PARAMS; i++) {
+		const struct ezp_param *pa = &a->params[i];
+		const struct ezp_param *pb = param_find(b->params, pa->key);
+		if (!pb || pa->type != pb->type || !ezp__param_size(pa->type))
+			return 0;
+		if (!a->config || !b->config) {
+			if (a->config != b->config)
+				return 0;
+			continue;
+		}
+		if (!param_equal(pa, a->config, pb, b->config))
+			return 0;
+	}
+	return 1;
+}
+
+int ezp__pipeline_conf_equal(const struct ezp__pipeline_conf *a, const struct ezp__pipeline_conf *b)
+{
+	if (!a->name || !b->name || strcmp(a->name, b->name) || a->shared != b->shared ||
+	    a->n_through != b->n_through || memcmp(&a->limits, &b->limits, sizeof(a->limits)) ||
+	    !ezp__kind_conf_equal(&a->from, &b->from) || !ezp__kind_conf_equal(&a->to, &b->to))
+		return 0;
+	for (size_t i = 0; i < a->n_through; i++) {
+		if (!ezp__kind_conf_equal(&a->through[i], &b->through[i]))
+			return 0;
+	}
+	return 1;
 }

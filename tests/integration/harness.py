@@ -593,6 +593,7 @@ class Daemon:
     def stop(self, timeout=10.0, sig=signal.SIGTERM):
         """SIGTERM by PID; SIGKILL after the deadline. Returns the exit code."""
         if self.proc is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
             return None
         if self.proc.poll() is None:
             try:
@@ -615,6 +616,7 @@ class Daemon:
 
     def stop_and_check(self, timeout=10.0):
         if self.proc is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
             return  # never started: the start error is the failure
         rc = self.stop(timeout)
         if rc != 0:

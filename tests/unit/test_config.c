@@ -1469,8 +1469,12 @@ static void test_load(void **state)
 		fputs("# 456789012345678901234567890123456789012345678901234567890123\n", f);
 	fclose(f);
 	assert_int_equal(ezp__config_load(path, &lk, &cfg, &err), EZP_ERR_CONFIG);
-	assert_non_null(strstr(err.message, "is larger than 4 MiB"));
+	assert_non_null(strstr(err.message, "' is larger than 4 MiB; it cannot be right"));
+	assert_int_equal(strncmp(err.message, "config '/tmp/", 13), 0);
 	unlink(path);
+	assert_int_equal(ezp__config_load("/dev/zero", &lk, &cfg, &err), EZP_ERR_CONFIG);
+	assert_string_equal(err.message, "config '/dev/zero' is larger than 4 MiB; it cannot be "
+					 "right");
 	assert_null(cfg);
 }
 
