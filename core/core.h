@@ -355,7 +355,8 @@ int ezp__pipeline_create(struct ezp_core_ctx *d, const struct ezp__pipeline_conf
 			 struct ezp__pipeline **out, struct ezp_error *err);
 /* Stop listening, close sessions (when @close_sessions), free when unused. */
 void ezp__pipeline_remove(struct ezp__pipeline *p, bool close_sessions);
-int ezp__pipeline_listen(struct ezp__pipeline *p, struct ezp_error *err);
+int ezp__pipeline_listen(struct ezp__pipeline *p, bool quiet, struct ezp_error *err);
+void ezp__pipeline_log_listen(struct ezp__pipeline *p);
 void ezp__pipeline_unlisten(struct ezp__pipeline *p);
 struct ezp__pipeline *ezp__pipeline_find(struct ezp_core_ctx *d, const char *name);
 struct ezp__pipe_gen *ezp__pipeline_gen(struct ezp__pipeline *p); /* ref'd */
@@ -460,6 +461,7 @@ struct ezp_core_ctx {
 	bool started;
 	bool stopping;
 	char *config_path;
+	int log_level_override;           /* embedder's level, -1: the config's */
 	struct ezp_error last_error;
 };
 

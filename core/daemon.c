@@ -76,8 +76,9 @@ int ezp_daemon_new(const char *yaml, const char *file, const struct ezp_daemon_o
 	rc = daemon_parse(d, yaml, file, &d->cfg, err);
 	if (rc != EZP_OK)
 		goto fail;
-	ezp__log_setup(opts && opts->log_level >= 0 && opts->struct_size ? opts->log_level
-									  : d->cfg->log_level,
+	d->log_level_override = opts && opts->struct_size && opts->log_level >= 0 ? opts->log_level
+										  : -1;
+	ezp__log_setup(d->log_level_override >= 0 ? d->log_level_override : d->cfg->log_level,
 		       d->cfg->log_format);
 	ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	d->n_workers = opts && opts->workers ? opts->workers
@@ -124,7 +125,7 @@ int ezp_daemon_start(struct ezp_daemon *dd, struct ezp_error *err)
 	if (d->started)
 		return EZP_OK;
 	LIST_FOREACH(p, &d->pipelines, link) {
-		rc = ezp__pipeline_listen(p, err);
+		rc = ezp__pipeline_listen(p, false, err);
 		if (rc != EZP_OK)
 			goto fail;
 	}
@@ -242,7 +243,7 @@ int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ez
 			pl->add = true;
 			rc = ezp__pipeline_create(d, pl->pc, &pl->p, err);
 			if (rc == EZP_OK && d->started)
-				rc = ezp__pipeline_listen(pl->p, err);
+				rc = ezp__pipeline_listen(pl->p, true, err);
 			if (rc != EZP_OK)
 				goto rollback;
 			continue;
@@ -280,6 +281,7 @@ int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ez
 			pthread_mutex_lock(&d->lock);
 			LIST_INSERT_HEAD(&d->pipelines, pl->p, link);
 			pthread_mutex_unlock(&d->lock);
+			ezp__pipeline_log_listen(pl->p);
 			added++;
 			continue;
 		}
@@ -302,11 +304,14 @@ int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ez
 	free(plans);
 	ezp__config_free(d->cfg);
 	d->cfg = cfg;
-	ezp__log_setup(cfg->log_level, cfg->log_format);
+	ezp__log_setup(d->log_level_override >= 0 ? d->log_level_override : cfg->log_level,
+		       cfg->log_format);
 	ezp__log(EZP_LOG_INFO, "daemon", "config applied: %u added, %u changed, %u removed", added,
 		 changed, removed);
 	return EZP_OK;
 rollback:
+	if (!err->file[0] && cfg->file)
+		snprintf(err->file, sizeof(err->file), "%s", cfg->file);
 	for (size_t i = 0; i < cfg->n_pipelines; i++) {
 		struct plan *pl = &plans[i];
 		if (pl->add && pl->p) {

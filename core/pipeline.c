@@ -400,6 +400,10 @@ int ezp__listener_open(struct ezp__pipeline *p, const struct ezp__kind_conf *fro
 			ezp__error_set(err, rc, EZP_SIDE_CONFIG, "", from->line, from->column,
 				       "pipeline '%s': cannot listen: %s", p->name,
 				       ezp__status_str(rc));
+		if (!err->line) { /* point at the From item that asked for it */
+			err->line = from->line;
+			err->column = from->column;
+		}
 		goto fail;
 	}
 	*out = l;
@@ -417,19 +421,27 @@ void ezp__listener_close(struct ezp_listener *l)
 	listener_free(l);
 }
 
-int ezp__pipeline_listen(struct ezp__pipeline *p, struct ezp_error *err)
+void ezp__pipeline_log_listen(struct ezp__pipeline *p)
 {
-	char addr[EZP_ADDR_STRLEN];
+	char from[EZP_ADDR_STRLEN], to[EZP_ADDR_STRLEN];
+
+	if (!p->listener)
+		return;
+	ezp__log(EZP_LOG_INFO, "pipeline", "pipeline '%s': %s %s -> %s %s", p->name,
+		 p->conf->from.kind, ezp__addr_format(&p->listener->bound, from, sizeof(from)),
+		 p->gen->to.kind, ezp__addr_format(&p->gen->to_addr, to, sizeof(to)));
+}
+
+/* Open the pipeline's listener; @quiet: the caller logs it once committed. */
+int ezp__pipeline_listen(struct ezp__pipeline *p, bool quiet, struct ezp_error *err)
+{
 	int rc;
 
 	if (p->listener)
 		return EZP_OK;
 	rc = ezp__listener_open(p, &p->conf->from, p->conf->shared, &p->listener, err);
-	if (rc == EZP_OK)
-		ezp__log(EZP_LOG_INFO, "pipeline", "pipeline '%s': %s %s -> %s %s", p->name,
-			 p->conf->from.kind, ezp__addr_format(&p->listener->bound, addr, sizeof(addr)),
-			 p->gen->to.kind, ezp__addr_format(&p->gen->to_addr, (char[EZP_ADDR_STRLEN]){0},
-							   EZP_ADDR_STRLEN));
+	if (rc == EZP_OK && !quiet)
+		ezp__pipeline_log_listen(p);
 	return rc;
 }
 
@@ -568,7 +580,6 @@ void ezp__pipeline_session_closed(struct ezp__pipeline *p, struct ezp_session *s
 	pthread_mutex_unlock(&p->lock);
 	for (i = 0; i < 2; i++)
 		atomic_fetch_add(&p->bytes[i], s->bytes[i]);
-	atomic_fetch_sub(&p->n_sessions, 1);
 	ezp__pipeline_unref(p);
 }
 

@@ -513,9 +513,11 @@ void ezp__leg_connected(struct ezp_leg *leg, int status, const char *message)
 			snprintf(text, sizeof(text), "connect to %s: %s", addr, message ? message : "");
 			ezp__session_close(s, EZP_CLOSE_CONNECT_FAILED, text);
 		} else {
+			char text[200];
+			snprintf(text, sizeof(text), "connect to %s: %s", addr, message ? message : "");
 			leg_free(leg);
 			if (done)
-				done(arg, status, message);
+				done(arg, status, text);
 		}
 		goto out;
 	}
@@ -701,6 +703,7 @@ static void session_teardown(struct ezp_session *s)
 	struct ezp_core_ctx *d = s->d;
 
 	s->busy++; /* callbacks below must not re-enter teardown */
+	atomic_fetch_sub(&p->n_sessions, 1); /* the slot is free before the close is logged */
 	ezp__log(EZP_LOG_INFO, "session", "session %lu (%s) closed: %s%s%s; %lu bytes to server, "
 		 "%lu to client", (unsigned long)s->id, p->name, reason_name(s->close_reason),
 		 s->close_text[0] ? ": " : "", s->close_text, (unsigned long)s->bytes[0],

@@ -46,7 +46,13 @@ char *ezp_daemon_config_dump(struct ezp_daemon *d);
 
 /* The address a pipeline's listener is bound to (port 0 resolved). */
 int ezp_pipeline_bound(struct ezp_daemon *d, const char *pipeline, struct ezp_addr *out);
-/* Swap a pipeline's `to` to @to_yaml (e.g. "tcp: {Connect: 127.0.0.1:9}"). */
+/*
+ * Swap a pipeline's `to` to @to_yaml (e.g. "tcp: {Connect: 127.0.0.1:9}").
+ * New sessions use it at once. With @apply_to_existing each existing
+ * session starts a server swap before this returns; the swaps complete
+ * asynchronously (a session whose new server cannot be reached keeps its
+ * old one and the failure is logged).
+ */
 int ezp_pipeline_swap_to(struct ezp_daemon *d, const char *pipeline, const char *to_yaml,
 			 int apply_to_existing, struct ezp_error *err);
 /* Replace the filter chain ("[]" or a YAML list of filter items). */
