@@ -89,6 +89,7 @@ struct ezp_worker {
 	bool defer_closed;
 	int wake_fd;              /* eventfd */
 	struct event *wake_ev;
+	struct event *local_ev;   /* the worker's own defers: event_active, no syscall */
 	/* worker-owned: */
 	TAILQ_HEAD(, ezp_session) sessions;
 	struct ezp__map holds;    /* hold id -> struct ezp__entry */

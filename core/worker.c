@@ -37,16 +37,33 @@ struct ezp_worker *ezp__worker_current(void)
 	return current_worker;
 }
 
-/* Thread: the worker. Run every queued deferred call, in order. */
+static void worker_run_queue(struct ezp_worker *w);
+
+/* Thread: the worker. Woken by another thread through the eventfd. */
 static void worker_drain(evutil_socket_t fd, short what, void *arg)
 {
 	struct ezp_worker *w = arg;
-	struct ezp__deferred *d;
 	uint64_t v;
 
 	(void)what;
 	if (read(fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
 		ezp__log(EZP_LOG_WARN, "worker", "eventfd read: %s", strerror(errno));
+	worker_run_queue(w);
+}
+
+/* Thread: the worker. Activated by the worker itself: no syscall. */
+static void worker_drain_local(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	worker_run_queue(arg);
+}
+
+/* Thread: the worker. Run every queued deferred call, in order. */
+static void worker_run_queue(struct ezp_worker *w)
+{
+	struct ezp__deferred *d;
+
 	pthread_mutex_lock(&w->defer_lock);
 	d = w->defer_head;
 	w->defer_head = w->defer_tail = NULL;
@@ -79,6 +96,9 @@ int ezp__worker_init(struct ezp_worker *w, struct ezp_core_ctx *d, unsigned inde
 	w->wake_ev = event_new(w->base, w->wake_fd, EV_READ | EV_PERSIST, worker_drain, w);
 	if (!w->wake_ev || event_add(w->wake_ev, NULL) != 0)
 		return EZP_ERR_NOMEM;
+	w->local_ev = event_new(w->base, -1, 0, worker_drain_local, w);
+	if (!w->local_ev)
+		return EZP_ERR_NOMEM;
 	return EZP_OK;
 }
 
@@ -89,7 +109,7 @@ static void *worker_main(void *arg)
 	current_worker = w;
 	event_base_loop(w->base, EVLOOP_NO_EXIT_ON_EMPTY);
 	/* calls posted while stopping still run, so nothing waits forever */
-	worker_drain(w->wake_fd, 0, w);
+	worker_run_queue(w);
 	current_worker = NULL;
 	return NULL;
 }
@@ -134,6 +154,8 @@ void ezp__worker_destroy(struct ezp_worker *w)
 	}
 	if (w->wake_ev)
 		event_free(w->wake_ev);
+	if (w->local_ev)
+		event_free(w->local_ev);
 	if (w->wake_fd >= 0)
 		close(w->wake_fd);
 	if (w->base)
@@ -167,7 +189,9 @@ int ezp__defer(struct ezp_worker *w, ezp_fn fn, void *arg)
 		w->defer_head = d;
 	w->defer_tail = d;
 	pthread_mutex_unlock(&w->defer_lock);
-	if (wake && write(w->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+	if (wake && current_worker == w) /* later in this loop iteration, no syscall */
+		event_active(w->local_ev, 0, 0);
+	else if (wake && write(w->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
 		ezp__log(EZP_LOG_WARN, "worker", "eventfd write: %s", strerror(errno));
 	return EZP_OK;
 }

@@ -389,7 +389,7 @@ static int tcp_gone(const struct tcp_leg *s, const struct tcp_leg *d)
 static int tcp_pump(struct tcp_leg *s, struct tcp_leg *d)
 {
 	const unsigned flags = SPLICE_F_NONBLOCK | SPLICE_F_MOVE;
-	int rounds = 0;
+	int rounds = 0, drained = 0;
 	ssize_t n;
 
 	if (tcp_gone(s, d) || d->werr)
@@ -428,11 +428,14 @@ static int tcp_pump(struct tcp_leg *s, struct tcp_leg *d)
 			s->core->leg_eof(s->leg); /* the core shuts d down, or closes both */
 			return tcp_gone(s, d) ? -1 : 0;
 		}
-		if (s->paused || rounds++ >= TCP_READ_BURST)
+		/* a short read emptied the socket: the level-triggered watch says when
+		 * more comes, so skip the splice that would only say EAGAIN */
+		if (s->paused || drained || rounds++ >= TCP_READ_BURST)
 			return 0;
 		n = splice(s->fd, NULL, s->pipe[1], NULL, s->pipe_cap, flags);
 		if (n > 0) {
 			s->pipe_bytes += (size_t)n;
+			drained = (size_t)n < s->pipe_cap;
 		} else if (n == 0) {
 			s->rd_eof = 1;
 		} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
