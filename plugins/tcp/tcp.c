@@ -509,16 +509,34 @@ static void tcp_on_event(int fd, unsigned events, void *arg)
 	tcp_drop(t);
 }
 
-/* ConnectTimeoutMs passed. Thread: the leg's worker. */
-static void tcp_on_timeout(void *arg)
+/*
+ * The leg's timer: ConnectTimeoutMs passed, or a write error was found
+ * outside a write wakeup (tcp_fail_soon). Thread: the leg's worker.
+ */
+static void tcp_on_timer(void *arg)
 {
 	struct tcp_leg *t = arg;
 
-	if (!t->connecting)
-		return;
 	tcp_hold(t);
-	tcp_connect_done(t, ETIMEDOUT);
+	if (t->connecting)
+		tcp_connect_done(t, ETIMEDOUT);
+	else if (t->werr)
+		tcp_fail(t, "write", t->werr);
 	tcp_drop(t);
+}
+
+/*
+ * Report t->werr from the event loop soon. A write wakeup would report it
+ * too, but only once the socket takes bytes again, which may be never when
+ * the peer does not read; meanwhile send() refuses (and so drops) every
+ * packet for the leg. Not reported here directly: the core is in the
+ * middle of a call into us. Thread: worker.
+ */
+static void tcp_fail_soon(struct tcp_leg *t)
+{
+	if (!t->timer && !(t->timer = t->core->timer_new(t->worker, tcp_on_timer, t)))
+		return; /* out of memory: the next write wakeup reports it */
+	t->core->timer_start(t->timer, 0, 0);
 }
 
 /* ---- transport ops on legs (worker) ------------------------------------- */
@@ -658,6 +676,7 @@ static void tcp_unpipe(struct tcp_leg *x, struct tcp_leg *y)
 	if (!(pkt = x->core->packet_new(x->pipe_bytes))) {
 		y->werr = ENOMEM;
 		tcp_pipe_close(x);
+		tcp_fail_soon(y);
 		return;
 	}
 	while (got < x->pipe_bytes) {
@@ -670,8 +689,9 @@ static void tcp_unpipe(struct tcp_leg *x, struct tcp_leg *y)
 	pkt->len = got;
 	if (got < x->pipe_bytes || tcp_q_push(y, pkt, 1) < 0) {
 		x->core->packet_unref(pkt);
-		y->werr = ENOMEM;
+		y->werr = got < x->pipe_bytes ? EIO : ENOMEM;
 		tcp_pipe_close(x);
+		tcp_fail_soon(y);
 		return;
 	}
 	x->pipe_bytes = 0;
@@ -704,7 +724,11 @@ static void tcp_unbridge(struct ezp_leg *a, void *a_state, struct ezp_leg *b, vo
 	tcp_drop(x);
 }
 
-/* Dial args->addr (never the config's address). Thread: the leg's worker. */
+/*
+ * Dial args->addr (never the config's address). A failure message is only
+ * the reason, as for a connect that fails later: the core adds "connect to
+ * ADDR: " to whatever it is given. Thread: the leg's worker.
+ */
 static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_args *args,
 		       struct ezp_error *err)
 {
@@ -713,7 +737,7 @@ static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 	uint64_t ms = TCP_TIMEOUT_MS;
 	int one = 1, e = ENOMEM, rc;
 	struct tcp_leg *t;
-	char buf[128], at[EZP_ADDR_STRLEN];
+	char buf[128];
 
 	if (!args->addr || !args->addr->len) {
 		tcp_seterr(err, EZP_ERR_INVAL, EZP_SIDE_INTERNAL, "tcp: no address to connect to");
@@ -740,7 +764,7 @@ static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 	t->events = t->connecting ? EZP_WATCH_WRITE : 0;
 	if (!(t->watch = core->watch_add(w, t->fd, t->events, tcp_on_event, t)))
 		goto fail;
-	if (t->connecting && !(t->timer = core->timer_new(w, tcp_on_timeout, t)))
+	if (t->connecting && !(t->timer = core->timer_new(w, tcp_on_timer, t)))
 		goto fail;
 	if (t->connecting)
 		core->timer_start(t->timer, ms, 0);
@@ -752,8 +776,7 @@ static int tcp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 fail_errno:
 	e = errno;
 fail:
-	tcp_seterr(err, e == ENOMEM ? EZP_ERR_NOMEM : EZP_ERR_IO, EZP_SIDE_SERVER,
-		   "connect to %s: %s", core->addr_format(args->addr, at, sizeof at),
+	tcp_seterr(err, e == ENOMEM ? EZP_ERR_NOMEM : EZP_ERR_IO, EZP_SIDE_SERVER, "%s",
 		   tcp_strerror(e, buf, sizeof buf));
 	tcp_release(t);
 	free(t);

@@ -29,7 +29,8 @@
 #include <ezproxy/sdk.h>
 
 #define UDP_SRC "udp"
-#define UDP_DGRAM_MAX 65536 /* receive buffer per datagram: 65,507 bytes pass whole */
+#define UDP_DGRAM_MAX 65536 /* receive slot per datagram: 65,507 bytes (IPv4) pass whole */
+_Static_assert(UDP_DGRAM_MAX > 65535 - 8, "a slot holds any UDP payload: none is cut short");
 #define UDP_OUT_MAX 1024    /* datagrams kept per socket while the kernel says EAGAIN */
 #define UDP_OUT_HIGH 768    /* own-socket legs: backpressure on above this */
 #define UDP_SOCKBUF (4 << 20)
@@ -111,7 +112,6 @@ struct udp_sock {
 	struct udp_map map;
 	struct udp_out out;
 	struct udp_io io;
-	uint64_t truncated;
 };
 
 /* One listener: its sockets on every worker. */
@@ -147,8 +147,9 @@ struct udp_leg {
 	struct ezp_timer *idle;
 	uint64_t idle_ms, last_ms;
 	int client, paused, closed, bp;
+	int moved; /* unlisten gave it its own socket; it leaves the worker socket next */
 	unsigned busy; /* callbacks and defers in progress: free waits for 0 */
-	uint64_t truncated, unreachable;
+	uint64_t unreachable;
 };
 
 /* ---- small helpers ------------------------------------------------------- */
@@ -457,9 +458,7 @@ static void udp_out_flush(const struct ezp_core *core, struct udp_out *o, struct
 			}
 		}
 		r = sendmmsg(fd, io->smsgs, n, MSG_DONTWAIT);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
 			o->blocked = 1;
 			return;
 		}
@@ -551,6 +550,8 @@ static void udp_deliver(struct udp_leg *l, const uint8_t *data, size_t len, uint
 	l->core->leg_recv(l->leg, pkt); /* may close l */
 }
 
+static void udp_leg_unbusy(struct udp_leg *l);
+
 static void udp_idle_fire(void *arg)
 {
 	struct udp_leg *l = arg;
@@ -589,8 +590,12 @@ static void udp_client_open(struct udp_sock *s, struct ezp_leg *leg, const struc
 	l->sock = s;
 	s->users++;
 	core->timer_start(l->idle, l->idle_ms, 0);
+	/* the core may close the leg in here (a Shared session full, a failed connect) */
+	l->busy++;
 	core->leg_set_state(leg, l);
-	udp_deliver(l, data, len, now, ts);
+	if (!l->closed)
+		udp_deliver(l, data, len, now, ts);
+	udp_leg_unbusy(l);
 	return;
 fail:
 	if (l && l->idle)
@@ -677,13 +682,13 @@ static void udp_sock_input(struct udp_sock *s, const struct ezp_addr *peer, cons
 		udp_deliver(e->leg, data, len, now, ts);
 		return;
 	}
-	if (!__atomic_load_n(&g->listening, __ATOMIC_ACQUIRE))
-		return; /* unknown client after unlisten */
 	if (e && hops < UDP_MAX_HOPS && now - e->used_ms < g->idle_ms) {
 		e->used_ms = now;
 		udp_forward(s, e->to, peer, data, len, hops, ts);
 		return;
 	}
+	if (!__atomic_load_n(&g->listening, __ATOMIC_ACQUIRE))
+		return; /* unknown client after unlisten */
 	if (e) {
 		udp_map_del(&s->map, e);
 		free(e);
@@ -725,7 +730,6 @@ static void udp_sock_io(int fd, unsigned events, void *arg)
 {
 	struct udp_sock *s = arg;
 	const struct ezp_core *core = s->core;
-	char text[EZP_ADDR_STRLEN];
 	int round, n, i;
 
 	s->users++; /* a leg closing inside leg_recv may drop the last other user */
@@ -735,9 +739,7 @@ static void udp_sock_io(int fd, unsigned events, void *arg)
 		uint64_t now, ts;
 
 		n = udp_io_recv(&s->io, fd);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0) {
+		if (n < 0) { /* level-triggered: anything left is read next time */
 			if (errno != EAGAIN && errno != EWOULDBLOCK)
 				UDP_DEBUG(core, "pipeline %s: recv: %s", s->g->pipeline,
 					  strerror(errno));
@@ -751,14 +753,6 @@ static void udp_sock_io(int fd, unsigned events, void *arg)
 
 			if (udp_addr_norm(h->msg_name, h->msg_namelen, &peer))
 				continue;
-			if (h->msg_flags & MSG_TRUNC) {
-				if (udp_count(&s->truncated))
-					UDP_DEBUG(core, "pipeline %s: dropped a datagram over %d bytes "
-						  "from %s (%llu dropped)", s->g->pipeline, UDP_DGRAM_MAX,
-						  core->addr_format(&peer, text, sizeof(text)),
-						  (unsigned long long)s->truncated);
-				continue;
-			}
 			udp_sock_input(s, &peer, h->msg_iov->iov_base, s->io.msgs[i].msg_len, 0,
 				       now, ts);
 		}
@@ -861,8 +855,6 @@ static void udp_leg_io(int fd, unsigned events, void *arg)
 		uint64_t now, ts;
 
 		n = udp_io_recv(&l->io, l->fd);
-		if (n < 0 && errno == EINTR)
-			continue;
 		if (n < 0 && (errno == ECONNREFUSED || errno == EHOSTUNREACH ||
 			      errno == ENETUNREACH || errno == EHOSTDOWN || errno == ENOPROTOOPT)) {
 			/* ICMP: the peer may come back; the session stays. */
@@ -873,7 +865,8 @@ static void udp_leg_io(int fd, unsigned events, void *arg)
 			continue;
 		}
 		if (n < 0) {
-			if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOMEM) {
+			if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOMEM &&
+			    errno != EINTR) {
 				snprintf(msg, sizeof(msg), "recv from %s: %s",
 					 core->addr_format(&l->ent.addr, text, sizeof(text)),
 					 strerror(errno));
@@ -884,15 +877,15 @@ static void udp_leg_io(int fd, unsigned events, void *arg)
 		now = udp_now_ms();
 		ts = core->now_us();
 		for (i = 0; i < n && !l->closed; i++) {
-			if (l->io.msgs[i].msg_hdr.msg_flags & MSG_TRUNC) {
-				if (udp_count(&l->truncated))
-					UDP_DEBUG(core, "dropped a datagram over %d bytes from %s "
-						  "(%llu dropped)", UDP_DGRAM_MAX,
-						  core->addr_format(&l->ent.addr, text, sizeof(text)),
-						  (unsigned long long)l->truncated);
+			struct msghdr *h = &l->io.msgs[i].msg_hdr;
+			struct ezp_addr from;
+
+			/* a moved client's socket was bound before it was connected */
+			if (h->msg_name && (udp_addr_norm(h->msg_name, h->msg_namelen, &from) ||
+					    from.len != l->ent.addr.len ||
+					    memcmp(&from.ss, &l->ent.addr.ss, from.len)))
 				continue;
-			}
-			udp_deliver(l, l->io.iov[i].iov_base, l->io.msgs[i].msg_len, now, ts);
+			udp_deliver(l, h->msg_iov->iov_base, l->io.msgs[i].msg_len, now, ts);
 		}
 		if (n < (int)l->io.batch)
 			break;
@@ -908,7 +901,6 @@ static int udp_socket(const struct ezp_addr *bind_to, const struct ezp_addr *pee
 {
 	const struct ezp_addr *a = bind_to ? bind_to : peer;
 	int fd, one = 1, size = UDP_SOCKBUF, e;
-	char c;
 
 	if ((fd = socket(a->ss.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0)
 		return -1;
@@ -920,9 +912,6 @@ static int udp_socket(const struct ezp_addr *bind_to, const struct ezp_addr *pee
 		goto fail;
 	if (peer && connect(fd, (const struct sockaddr *)&peer->ss, peer->len))
 		goto fail;
-	/* Bound before connected: drop what other clients sent in between. */
-	while (bind_to && peer && recv(fd, &c, 1, MSG_DONTWAIT | MSG_TRUNC) >= 0)
-		;
 	return fd;
 fail:
 	e = errno;
@@ -931,15 +920,19 @@ fail:
 	return -1;
 }
 
-/* unlisten: give a client leg its own socket so the listen port can be rebound. */
-static void udp_leg_move_off(struct udp_leg *l)
+/*
+ * unlisten, step 1: give a client leg its own socket, bound to the listen
+ * address and connected to the client, so the listen port can be rebound.
+ * The leg stays in the worker socket's map until step 2. Returns 0 or -1.
+ */
+static int udp_leg_move_off(struct udp_leg *l)
 {
 	struct udp_sock *s = l->sock;
 	const struct ezp_core *core = l->core;
 	char text[EZP_ADDR_STRLEN];
 	int fd = -1;
 
-	if (udp_io_init(&l->io, s->io.batch, 0) ||
+	if (udp_io_init(&l->io, s->io.batch, 1) ||
 	    (fd = udp_socket(&s->g->bound, &l->ent.addr)) < 0)
 		goto fail;
 	l->events = EZP_WATCH_READ;
@@ -947,22 +940,34 @@ static void udp_leg_move_off(struct udp_leg *l)
 		goto fail;
 	l->fd = fd;
 	l->bind = s->g->bound;
-	udp_map_del(&s->map, &l->ent);
-	udp_out_take(core, &s->out, l, &l->out);
-	l->sock = NULL;
-	s->users--; /* not the last: the caller holds the listener's use */
-	if (l->out.len)
-		udp_leg_schedule(l);
-	return;
+	return 0;
 fail:
 	UDP_DEBUG(core, "client %s stays on the old udp socket: %s",
 		  core->addr_format(&l->ent.addr, text, sizeof(text)), strerror(errno));
 	if (fd >= 0)
 		close(fd);
 	udp_io_free(&l->io);
+	return -1;
 }
 
-/* Deferred by unlisten to the socket's worker. */
+/* unlisten, step 2: the moved leg leaves the worker socket, with its queued datagrams. */
+static void udp_leg_detach(struct udp_leg *l)
+{
+	struct udp_sock *s = l->sock;
+
+	udp_map_del(&s->map, &l->ent);
+	udp_out_take(l->core, &s->out, l, &l->out);
+	l->sock = NULL;
+	s->users--; /* not the last: the caller holds the listener's use */
+	if (l->out.len)
+		udp_leg_schedule(l);
+}
+
+/*
+ * Deferred by unlisten to the socket's worker. Every client leg gets its own
+ * socket first; then what the old socket still holds is read and delivered,
+ * so no datagram sent before the move is lost when it closes.
+ */
 static void udp_sock_release(void *arg)
 {
 	struct udp_sock *s = arg;
@@ -971,11 +976,17 @@ static void udp_sock_release(void *arg)
 	size_t i;
 
 	if (!s->torn) {
+		for (i = 0; i < s->map.nb; i++)
+			for (e = s->map.b[i]; e; e = e->next)
+				if (e->leg)
+					e->leg->moved = !udp_leg_move_off(e->leg);
+		udp_sock_io(s->fd, EZP_WATCH_READ, s); /* may close legs */
 		udp_sweep(s, 0, 1);
 		for (i = 0; i < s->map.nb; i++)
 			for (e = s->map.b[i]; e; e = next) {
 				next = e->next;
-				udp_leg_move_off(e->leg);
+				if (e->leg->moved)
+					udp_leg_detach(e->leg);
 			}
 		udp_sock_drop(s); /* the listener's use; legs left keep it open */
 	}
@@ -1093,9 +1104,8 @@ static int udp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 {
 	const struct udp_to *cfg = args->config; /* or a udp_from: batch comes first in both */
 	struct udp_leg *l = calloc(1, sizeof(*l));
-	char text[EZP_ADDR_STRLEN];
+	int rc;
 
-	core->addr_format(args->addr, text, sizeof(text));
 	if (!l || udp_io_init(&l->io, udp_batch(cfg ? cfg->batch : 0), 0)) {
 		if (l)
 			udp_io_free(&l->io);
@@ -1106,25 +1116,20 @@ static int udp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 	l->leg = args->leg;
 	l->worker = args->worker;
 	l->events = EZP_WATCH_READ;
-	if (udp_addr_norm(&args->addr->ss, args->addr->len, &l->ent.addr)) {
-		errno = EAFNOSUPPORT;
-		l->fd = -1;
-	} else {
-		l->fd = udp_socket(NULL, &l->ent.addr);
+	(void)udp_addr_norm(&args->addr->ss, args->addr->len, &l->ent.addr); /* else socket() fails */
+	l->fd = udp_socket(NULL, &l->ent.addr);
+	if (l->fd >= 0 && (l->watch = core->watch_add(args->worker, l->fd, l->events, udp_leg_io, l))) {
+		core->leg_set_state(args->leg, l);
+		return EZP_OK;
 	}
-	if (l->fd < 0 || !(l->watch = core->watch_add(args->worker, l->fd, l->events,
-						       udp_leg_io, l))) {
-		int rc = udp_fail(err, EZP_ERR_IO, EZP_SIDE_SERVER, "connect to %s: %s", text,
-				  l->fd < 0 ? strerror(errno) : "cannot watch the socket");
-
-		if (l->fd >= 0)
-			close(l->fd);
-		udp_io_free(&l->io);
-		free(l);
-		return rc;
-	}
-	core->leg_set_state(args->leg, l);
-	return EZP_OK;
+	/* only the reason: the core adds "connect to ADDR" */
+	rc = udp_fail(err, EZP_ERR_IO, EZP_SIDE_SERVER, "%s",
+		      l->fd < 0 ? strerror(errno) : "cannot watch the socket");
+	if (l->fd >= 0)
+		close(l->fd);
+	udp_io_free(&l->io);
+	free(l);
+	return rc;
 }
 
 static int udp_send(struct ezp_leg *leg, void *state, struct ezp_packet *pkt)
@@ -1193,10 +1198,19 @@ static void udp_resume(struct ezp_leg *leg, void *state)
 	udp_set_paused(state, 0);
 }
 
+/* UDP has no half-close: send what is queued, then say the write side is done. */
 static void udp_shutdown_write(struct ezp_leg *leg, void *state)
 {
-	(void)leg; /* UDP has no half-close; queued datagrams are still sent */
-	(void)state;
+	struct udp_leg *l = state;
+
+	l->busy++;
+	if (l->sock)
+		udp_sock_flush(l->sock);
+	else
+		udp_leg_flush(l);
+	if (!l->closed)
+		l->core->leg_write_done(leg);
+	udp_leg_unbusy(l);
 }
 
 static void udp_close(struct ezp_leg *leg, void *state)
