@@ -14,6 +14,16 @@ static void stage_arrive(struct ezp_session *s, unsigned dir, unsigned i, struct
 			 struct ezp_packet *orig);
 static void stage_pump(struct ezp_session *s, unsigned dir, unsigned i);
 
+/* A replacement takes the head (session, direction, leg, time) of the packet it replaces. */
+static void replacement_head(struct ezp_packet *repl, const struct ezp_packet *pkt)
+{
+	repl->session_id = pkt->session_id;
+	repl->dir = pkt->dir;
+	repl->leg = pkt->leg;
+	repl->ts_us = pkt->ts_us;
+	repl->flags = (pkt->flags & EZP_PKT_INJECTED) | EZP_PKT_REPLACED;
+}
+
 static const struct ezp__hold_conf *stage_hold(struct ezp_session *s, unsigned i)
 {
 	return &s->chain->stages[i].conf.hold;
@@ -61,11 +71,7 @@ static void stage_leave(struct ezp_session *s, unsigned dir, unsigned i, int ver
 			stage_arrive(s, dir, i + 1, pkt, orig);
 			return;
 		}
-		repl->session_id = pkt->session_id;
-		repl->dir = pkt->dir;
-		repl->leg = pkt->leg;
-		repl->ts_us = pkt->ts_us;
-		repl->flags = (pkt->flags & EZP_PKT_INJECTED) | EZP_PKT_REPLACED;
+		replacement_head(repl, pkt);
 		if (orig)
 			ezp__packet_unref(pkt); /* keep the first original for taps */
 		else
@@ -164,6 +170,13 @@ static void entry_submit(struct ezp_session *s, struct ezp__stage *st, struct ez
 			ezp__packet_unref(e->pkt);
 		if (!repl)
 			repl = ezp__packet_new(0);
+		if (!repl) { /* out of memory: the original passes unchanged */
+			e->pkt = e->orig;
+			e->orig = NULL;
+			e->verdict = EZP_VERDICT_PASS;
+			return;
+		}
+		replacement_head(repl, e->orig);
 		e->pkt = repl;
 	}
 }
@@ -470,11 +483,7 @@ void ezp__chain_answer(struct ezp_worker *w, uint64_t hold_id, int verdict,
 			e->verdict = EZP_VERDICT_PASS;
 			break;
 		}
-		replacement->session_id = e->pkt->session_id;
-		replacement->dir = e->pkt->dir;
-		replacement->leg = e->pkt->leg;
-		replacement->ts_us = e->pkt->ts_us;
-		replacement->flags = (e->pkt->flags & EZP_PKT_INJECTED) | EZP_PKT_REPLACED;
+		replacement_head(replacement, e->pkt);
 		if (!e->orig)
 			e->orig = e->pkt;
 		else

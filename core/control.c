@@ -374,8 +374,11 @@ static int swap_post(struct ezp_core_ctx *d, uint64_t id, const char *addr, int 
 
 	if (!err)
 		err = &tmp;
-	if (!w)
-		return fail_msg(err, EZP_ERR_NOT_FOUND, "session %s not found", "");
+	if (!w) {
+		char id_text[24];
+		snprintf(id_text, sizeof(id_text), "%lu", (unsigned long)id);
+		return fail_msg(err, EZP_ERR_NOT_FOUND, "session %s not found", id_text);
+	}
 	r = calloc(1, sizeof(*r));
 	if (!r)
 		return EZP_ERR_NOMEM;

@@ -197,11 +197,18 @@ struct ezp__chain_def {
 	size_t n;
 };
 
+/* A `To` endpoint; sessions keep it while their server legs use its config. */
+struct ezp__endpoint {
+	atomic_uint refs;
+	struct ezp__kind_conf conf;
+};
+void ezp__endpoint_unref(struct ezp__endpoint *e);
+
 /* What new sessions of a pipeline use; swapped whole (refcounted). */
 struct ezp__pipe_gen {
 	atomic_uint refs;
 	struct ezp__chain_def *chain;
-	struct ezp__kind_conf to;
+	struct ezp__endpoint *to;
 	struct ezp_addr to_addr;
 	struct ezp__limits limits;
 	bool shared;
@@ -324,7 +331,7 @@ struct ezp_session {
 	uint64_t id;
 	struct ezp_worker *w;
 	struct ezp__pipeline *p;
-	struct ezp__pipe_gen *gen;     /* the generation it started with (ref): its legs' configs */
+	struct ezp__endpoint *to;      /* the `To` it started with (ref): its server legs' config */
 	struct ezp__chain_def *chain;  /* the chain it runs (ref) */
 	uint64_t gen_no;               /* generation its chain came from */
 	struct ezp__chain_def *next_chain; /* waiting for a packet boundary */
@@ -443,6 +450,7 @@ int ezp__tap_subscribe(struct ezp_core_ctx *d, const struct ezp_tap_opts *opts,
 		       struct ezp_tap **out);
 void ezp__tap_unsubscribe(struct ezp_tap *tap);
 void ezp__taps_free(struct ezp_core_ctx *d);
+void ezp__taps_start(struct ezp_core_ctx *d);
 
 /* ---- the daemon (daemon.c) -------------------------------------------- */
 

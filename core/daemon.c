@@ -138,6 +138,7 @@ int ezp_daemon_start(struct ezp_daemon *dd, struct ezp_error *err)
 	}
 	d->started = true;
 	d->started_us = ezp__now_us();
+	ezp__taps_start(d);
 	if (d->cfg->api.enabled && !ezp__registry_service(d, "http-api"))
 		ezp__log(EZP_LOG_WARN, "daemon", "Api is configured (%s) but no loaded plugin provides "
 			 "the 'http-api' service: the API is not available",

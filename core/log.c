@@ -79,8 +79,10 @@ void ezp__vlog(int level, const char *source, const char *fmt, va_list ap)
 	}
 	if (n < 0)
 		return;
-	if ((size_t)n >= sizeof(line))
+	if ((size_t)n >= sizeof(line)) { /* cut, but still one whole line */
 		n = sizeof(line) - 1;
+		line[n - 1] = '\n';
+	}
 	ssize_t w = write(STDERR_FILENO, line, (size_t)n);
 	(void)w;
 }

@@ -133,12 +133,21 @@ fail:
 	return rc;
 }
 
+/* Thread: any. */
+void ezp__endpoint_unref(struct ezp__endpoint *e)
+{
+	if (!e || atomic_fetch_sub(&e->refs, 1) != 1)
+		return;
+	ezp__kind_conf_clear(&e->conf);
+	free(e);
+}
+
 void ezp__gen_unref(struct ezp__pipe_gen *g)
 {
 	if (!g || atomic_fetch_sub(&g->refs, 1) != 1)
 		return;
 	ezp__chain_unref(g->chain);
-	ezp__kind_conf_clear(&g->to);
+	ezp__endpoint_unref(g->to);
 	free(g);
 }
 
@@ -154,11 +163,17 @@ int ezp__gen_build(struct ezp_core_ctx *d, struct ezp__pipeline *p,
 	atomic_init(&g->refs, 1);
 	g->limits = pc->limits;
 	g->shared = pc->shared;
-	rc = ezp__kind_conf_copy(&g->to, &pc->to);
+	g->to = calloc(1, sizeof(*g->to));
+	if (!g->to) {
+		rc = EZP_ERR_NOMEM;
+		goto fail;
+	}
+	atomic_init(&g->to->refs, 1);
+	rc = ezp__kind_conf_copy(&g->to->conf, &pc->to);
 	if (rc != EZP_OK)
 		goto fail;
-	if (!g->to.transport->connect_address ||
-	    g->to.transport->connect_address(g->to.config, &g->to_addr) != EZP_OK) {
+	if (!g->to->conf.transport->connect_address ||
+	    g->to->conf.transport->connect_address(g->to->conf.config, &g->to_addr) != EZP_OK) {
 		rc = ezp__error_set(err, EZP_ERR_CONFIG, EZP_SIDE_CONFIG, "", pc->to.line,
 				    pc->to.column, "pipeline '%s': transport '%s' has no address to "
 				    "connect to", pc->name, pc->to.kind);
@@ -429,7 +444,7 @@ void ezp__pipeline_log_listen(struct ezp__pipeline *p)
 		return;
 	ezp__log(EZP_LOG_INFO, "pipeline", "pipeline '%s': %s %s -> %s %s", p->name,
 		 p->conf->from.kind, ezp__addr_format(&p->listener->bound, from, sizeof(from)),
-		 p->gen->to.kind, ezp__addr_format(&p->gen->to_addr, to, sizeof(to)));
+		 p->gen->to->conf.kind, ezp__addr_format(&p->gen->to_addr, to, sizeof(to)));
 }
 
 /* Open the pipeline's listener; @quiet: the caller logs it once committed. */

@@ -46,15 +46,15 @@ struct ezp_session *ezp__session_new(struct ezp__pipeline *p, struct ezp_worker 
 	s->max_clients = (unsigned)g->limits.max_client_legs;
 	s->clients = calloc(s->max_clients, sizeof(*s->clients));
 	s->chain = ezp__chain_ref(g->chain);
-	s->gen = g;
-	atomic_fetch_add(&g->refs, 1);
+	s->to = g->to;
+	atomic_fetch_add(&g->to->refs, 1);
 	s->gen_no = g->no;
 	s->transport = p->conf->from.kind;
 	s->server_addr = g->to_addr;
 	if (!s->clients || ezp__chain_init(s) != EZP_OK) {
 		ezp__chain_fini(s);
 		ezp__chain_unref(s->chain);
-		ezp__gen_unref(s->gen);
+		ezp__endpoint_unref(s->to);
 		free(s->clients);
 		free(s);
 		return NULL;
@@ -189,7 +189,7 @@ void ezp__session_event(struct ezp_session *s, int event)
 /* Start a session whose first client leg is attached: connect the server. */
 void ezp__session_start(struct ezp_session *s)
 {
-	struct ezp__pipe_gen *g = s->gen;
+	const struct ezp__kind_conf *to = &s->to->conf;
 	struct ezp_connect_args args;
 	struct ezp_error err = {0};
 	int rc;
@@ -197,7 +197,7 @@ void ezp__session_start(struct ezp_session *s)
 	ezp__session_enter(s);
 	s->opened = true;
 	ezp__session_event(s, EZP_SESSION_OPENED);
-	s->server = ezp__leg_new(s, g->to.transport, g->to.config, &s->server_addr, true);
+	s->server = ezp__leg_new(s, to->transport, to->config, &s->server_addr, true);
 	if (!s->server) {
 		ezp__session_close(s, EZP_CLOSE_ERROR, "out of memory");
 		goto out;
@@ -205,10 +205,10 @@ void ezp__session_start(struct ezp_session *s)
 	memset(&args, 0, sizeof(args));
 	args.struct_size = sizeof(args);
 	args.leg = s->server;
-	args.config = g->to.config;
+	args.config = to->config;
 	args.addr = &s->server_addr;
 	args.worker = s->w;
-	rc = g->to.transport->connect(&s->d->table, &args, &err);
+	rc = to->transport->connect(&s->d->table, &args, &err);
 	if (rc == EZP_OK)
 		ezp__leg_connected(s->server, EZP_OK, NULL);
 	else if (rc != EZP_ERR_AGAIN)
@@ -723,7 +723,7 @@ static void session_teardown(struct ezp_session *s)
 	ezp__pipeline_session_closed(p, s);
 	ezp__chain_unref(s->chain);
 	ezp__chain_unref(s->next_chain);
-	ezp__gen_unref(s->gen);
+	ezp__endpoint_unref(s->to);
 	free(s->clients);
 	free(s);
 }

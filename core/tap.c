@@ -280,6 +280,12 @@ static void taps_refresh_deferred(void *arg)
 	taps_refresh(arg, NULL);
 }
 
+/* Thread: control, once the workers run: taps subscribed before start. */
+void ezp__taps_start(struct ezp_core_ctx *d)
+{
+	ezp__workers_each(d, taps_refresh, NULL);
+}
+
 /* Every worker rebuilds its view: waits when called off the workers. */
 static void taps_changed(struct ezp_core_ctx *d)
 {

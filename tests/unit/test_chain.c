@@ -93,7 +93,7 @@ static void poll_pause(void)
 #define MAX_SEEN 1024
 
 struct seen {
-	int name;      /* index into S.names */
+	int name; /* index into S.names */
 	int dir, leg;
 	uint32_t flags;
 	uint64_t session_id, ts_us;
@@ -116,18 +116,18 @@ static struct {
 	char names[MAX_NAMES][16];
 	int n_names;
 	struct seen seen[MAX_SEEN];
-	int n_seen;             /* recorded (capped at MAX_SEEN) */
-	long total_seen;        /* every packet seen */
+	int n_seen;	 /* recorded (capped at MAX_SEEN) */
+	long total_seen; /* every packet seen */
 	long bytes_seen;
 	struct held holds[256];
 	int n_holds;
 	int events[MAX_NAMES][4]; /* [name][enum ezp_session_event] */
 	int inject_rc[16];
 	int n_inject_rc;
-	int state_missing;      /* a packet or event came without OPENED first */
-	int state_twice;        /* OPENED twice for one session state */
+	int state_missing; /* a packet or event came without OPENED first */
+	int state_twice;   /* OPENED twice for one session state */
 	int creates, destroys;
-	int live_states;        /* allocated at OPENED, freed at CLOSED */
+	int live_states; /* allocated at OPENED, freed at CLOSED */
 } S;
 
 struct script_conf {
@@ -290,7 +290,8 @@ static int script_packet(void *instance, struct ezp_filter_call *call)
 		h->id = call->hold_id;
 		h->dir = p->dir;
 		memset(h->data, 0, sizeof(h->data));
-		memcpy(h->data, p->data, p->len < sizeof(h->data) - 1 ? p->len : sizeof(h->data) - 1);
+		memcpy(h->data, p->data,
+		       p->len < sizeof(h->data) - 1 ? p->len : sizeof(h->data) - 1);
 		h->at_ms = mono_ms();
 		v = EZP_VERDICT_HOLD;
 	}
@@ -534,7 +535,8 @@ static void wait_events(const char *name, int event, int want, const char *what)
 		;
 	pthread_mutex_unlock(&S.mu);
 	if (n < want)
-		fail_msg("%s: filter %s got %d event(s) %d, expected %d", what, name, n, event, want);
+		fail_msg("%s: filter %s got %d event(s) %d, expected %d", what, name, n, event,
+			 want);
 }
 
 static void check_states_balanced(void)
@@ -665,8 +667,9 @@ static ssize_t recv_wait(int fd, void *buf, size_t len, int ms, struct sockaddr_
 			return -2;
 		if (r < 0)
 			return -1;
-		ssize_t n = from ? recvfrom(fd, buf, len, MSG_DONTWAIT, (struct sockaddr *)from, &fl)
-				 : recv(fd, buf, len, MSG_DONTWAIT);
+		ssize_t n = from
+				? recvfrom(fd, buf, len, MSG_DONTWAIT, (struct sockaddr *)from, &fl)
+				: recv(fd, buf, len, MSG_DONTWAIT);
 		if (n < 0 && (errno == EINTR || errno == EAGAIN))
 			continue;
 		return n;
@@ -695,8 +698,9 @@ static void send_text(int fd, const char *text)
 
 static void send_to(int fd, const struct sockaddr_in *to, const char *text)
 {
-	assert_int_equal(sendto(fd, text, strlen(text), 0, (const struct sockaddr *)to, sizeof(*to)),
-			 (ssize_t)strlen(text));
+	assert_int_equal(
+	    sendto(fd, text, strlen(text), 0, (const struct sockaddr *)to, sizeof(*to)),
+	    (ssize_t)strlen(text));
 }
 
 /* The next datagram on @fd must be exactly @want. */
@@ -743,7 +747,9 @@ static void expect_stream(int fd, const char *want, const char *what)
 		if (r <= 0) {
 			buf[got] = 0;
 			fail_msg("%s: expected '%s', got '%s' then %s", what, want, buf,
-				 r == -2 ? "nothing" : r == 0 ? "end of stream" : strerror(errno));
+				 r == -2  ? "nothing"
+				 : r == 0 ? "end of stream"
+					  : strerror(errno));
 		}
 		got += (size_t)r;
 	}
@@ -760,7 +766,9 @@ static void expect_eof(int fd, const char *what)
 
 	if (n != 0)
 		fail_msg("%s: expected end of stream, got %s", what,
-			 n == -2 ? "nothing" : n > 0 ? "bytes" : strerror(errno));
+			 n == -2 ? "nothing"
+			 : n > 0 ? "bytes"
+				 : strerror(errno));
 }
 
 /* ---- the daemon -------------------------------------------------------------------- */
@@ -1061,8 +1069,9 @@ static int teardown(void **state)
 	T = NULL;
 	alarm(0);
 	if (creates != destroys || live) {
-		fprintf(stderr, "test_chain: %s: %d filter instance(s) created, %d destroyed, %d "
-				"session state(s) left\n",
+		fprintf(stderr,
+			"test_chain: %s: %d filter instance(s) created, %d destroyed, %d "
+			"session state(s) left\n",
 			current_test, creates, destroys, live);
 		return -1;
 	}
@@ -1313,9 +1322,9 @@ static void test_bad_answers(void **state)
 	assert_int_equal(core->filter_answer(core->ctx, 0, EZP_VERDICT_PASS, NULL), EZP_ERR_INVAL);
 	assert_int_equal(core->filter_answer(core->ctx, 0x05, EZP_VERDICT_PASS, NULL),
 			 EZP_ERR_INVAL);
-	assert_int_equal(core->filter_answer(core->ctx, (7u << 8) | 2u, EZP_VERDICT_PASS,
-					     core->packet_new(3)),
-			 EZP_ERR_INVAL); /* the replacement is released (ASan, valgrind) */
+	assert_int_equal(
+	    core->filter_answer(core->ctx, (7u << 8) | 2u, EZP_VERDICT_PASS, core->packet_new(3)),
+	    EZP_ERR_INVAL); /* the replacement is released (ASan, valgrind) */
 	assert_int_equal(ezp_filter_answer(T->d, (9u << 8) | 200u, EZP_VERDICT_REPLACE, "x", 1),
 			 EZP_ERR_INVAL);
 	/* a well-formed id nobody holds: posted, then released without effect */
@@ -1335,8 +1344,7 @@ static void test_window_pause_resume(void **state)
 
 	(void)state;
 	current_test = __func__;
-	daemon_up(1,
-		  "Pipelines:\n" TCP_PIPE("p", "[{script: {Name: f1, HoldWindow: 2}}]", "%u"),
+	daemon_up(1, "Pipelines:\n" TCP_PIPE("p", "[{script: {Name: f1, HoldWindow: 2}}]", "%u"),
 		  sock_port(lfd));
 	c = tcp_connect(bound_port("p"));
 	sv = accept_wait(lfd);
@@ -1446,7 +1454,8 @@ static void test_datagram_overflow(void **state)
 		buf[n] = 0;
 		snprintf(msg, sizeof(msg), "n%03d", i);
 		if (big_rcvbuf ? strcmp(buf, msg) != 0 : atoi(buf + 1) <= last)
-			fail_msg("queued datagrams out of order: '%s' where '%s' was due", buf, msg);
+			fail_msg("queued datagrams out of order: '%s' where '%s' was due", buf,
+				 msg);
 		last = atoi(buf + 1);
 		got++;
 	}
@@ -1467,13 +1476,14 @@ static void test_timeouts(void **state)
 
 	(void)state;
 	current_test = __func__;
-	daemon_up(1,
-		  "Pipelines:\n" UDP_PIPE(
-		      "p",
-		      "[{script: {Name: f1, HoldTimeoutMs: 150}}, {script: {Name: f2, HoldTimeoutMs: "
-		      "150, Default: drop}}, {script: {Name: f3, HoldTimeoutMs: 100, HoldWindow: 1}}]",
-		      "%u"),
-		  sock_port(srv));
+	daemon_up(
+	    1,
+	    "Pipelines:\n" UDP_PIPE(
+		"p",
+		"[{script: {Name: f1, HoldTimeoutMs: 150}}, {script: {Name: f2, HoldTimeoutMs: "
+		"150, Default: drop}}, {script: {Name: f3, HoldTimeoutMs: 100, HoldWindow: 1}}]",
+		"%u"),
+	    sock_port(srv));
 	tc = tap_up(NULL);
 	c = udp_sock(bound_port("p"));
 
@@ -1527,8 +1537,9 @@ static void test_eof_behind_hold(void **state)
 
 	(void)state;
 	current_test = __func__;
-	daemon_up(2, "Pipelines:\n" TCP_PIPE("p", "[{script: {Name: f1}}, {script: {Name: f2}}]", "%u"),
-		  sock_port(lfd));
+	daemon_up(
+	    2, "Pipelines:\n" TCP_PIPE("p", "[{script: {Name: f1}}, {script: {Name: f2}}]", "%u"),
+	    sock_port(lfd));
 	tc = tap_up("p");
 	c = tcp_connect(bound_port("p"));
 	sv = accept_wait(lfd);
@@ -1575,8 +1586,8 @@ static void test_switch_while_held(void **state)
 	a = wait_hold("f1", "#f1=hold|A", "A");
 	assert_int_equal(events_of("f1", EZP_SESSION_OPENED), 2);
 
-	assert_int_equal(ezp_pipeline_set_filters(T->d, "p",
-						  "[{script: {Name: g1}}, {script: {Name: g2}}]", &err),
+	assert_int_equal(ezp_pipeline_set_filters(
+			     T->d, "p", "[{script: {Name: g1}}, {script: {Name: g2}}]", &err),
 			 EZP_OK);
 	/* the idle session switched at once; the one with a held packet did not */
 	assert_int_equal(events_of("f1", EZP_SESSION_CLOSED), 1);
@@ -1794,8 +1805,9 @@ static void test_backpressure(void **state)
 	} while (mono_ms() < end);
 	s = the_session("p");
 	if (s.bytes[EZP_DIR_TO_SERVER] >= BULK || atomic_load(&j.done))
-		fail_msg("the proxy read all %u bytes although the server read none: no backpressure",
-			 BULK);
+		fail_msg(
+		    "the proxy read all %u bytes although the server read none: no backpressure",
+		    BULK);
 	/* now the server reads: everything arrives, intact and in order */
 	if (bulk_recv(sv, BULK) != 0)
 		fail_msg("bulk data to the server lost or corrupted under backpressure");
@@ -1897,7 +1909,8 @@ static void test_exclusive_in_chain(void **state)
 					  "drop}}, {script: {Name: f3}}]",
 					  "%u"),
 		  sock_port(srv));
-	assert_int_equal(ezp_filter_claim(T->d, "p", "callback:x", &fh, &T->claims[0], &err), EZP_OK);
+	assert_int_equal(ezp_filter_claim(T->d, "p", "callback:x", &fh, &T->claims[0], &err),
+			 EZP_OK);
 	T->n_claims = 1;
 	c = udp_sock(bound_port("p"));
 	send_text(c, "hold-1");
@@ -1927,9 +1940,8 @@ static void test_exclusive_in_chain(void **state)
 	expect_dgram(srv, "hold-2", NULL, "unclaimed");
 }
 
-/* ---- known bugs (built with -DEZP_SHOW_BUGS; each fails until core/ is fixed) -------------- */
+/* ---- regressions: bugs these tests found in core/, now fixed -------------- */
 
-#ifdef EZP_SHOW_BUGS
 /*
  * chain.c entry_submit(): a packet that a filter REPLACEs while it is queued
  * behind a held one gets a replacement whose head (session_id, dir, leg,
@@ -1949,8 +1961,9 @@ static void test_bug_queued_replace_loses_head(void **state)
 
 	(void)state;
 	current_test = __func__;
-	daemon_up(1, "Pipelines:\n" UDP_PIPE("p", "[{script: {Name: f1}}, {script: {Name: f2}}]", "%u"),
-		  sock_port(srv));
+	daemon_up(
+	    1, "Pipelines:\n" UDP_PIPE("p", "[{script: {Name: f1}}, {script: {Name: f2}}]", "%u"),
+	    sock_port(srv));
 	tc = tap_up("p");
 	c = udp_sock(bound_port("p"));
 	send_text(c, "hello");
@@ -1969,11 +1982,12 @@ static void test_bug_queued_replace_loses_head(void **state)
 	e = tap_packet(tc, -1, "#f1=repl:Y|Y", "the tap sees the replacement");
 	if (sn.dir != EZP_DIR_TO_CLIENT || sn.session_id != s.id || sn.flags != EZP_PKT_REPLACED ||
 	    !sn.ts_us)
-		fail_msg("f2 saw a replaced to-client packet as dir %d, session %llu, flags %#x, ts "
-			 "%llu (expected dir %d, session %llu, flags %#x, a timestamp)",
-			 sn.dir, (unsigned long long)sn.session_id, sn.flags,
-			 (unsigned long long)sn.ts_us, EZP_DIR_TO_CLIENT,
-			 (unsigned long long)s.id, EZP_PKT_REPLACED);
+		fail_msg(
+		    "f2 saw a replaced to-client packet as dir %d, session %llu, flags %#x, ts "
+		    "%llu (expected dir %d, session %llu, flags %#x, a timestamp)",
+		    sn.dir, (unsigned long long)sn.session_id, sn.flags,
+		    (unsigned long long)sn.ts_us, EZP_DIR_TO_CLIENT, (unsigned long long)s.id,
+		    EZP_PKT_REPLACED);
 	check_tev(&e, EZP_PKT_REPLACED, EZP_VERDICT_REPLACE, "#f1=repl:Y|Z", "tap of Z");
 }
 
@@ -2015,9 +2029,9 @@ static void test_bug_old_chain_outlives_switch(void **state)
 	} while (destroys < 1 && mono_ms() < end);
 	if (destroys != 1)
 		fail_msg("the old chain's filter instance was not destroyed after the switch "
-			 "(%d destroyed); it lives as long as the session", destroys);
+			 "(%d destroyed); it lives as long as the session",
+			 destroys);
 }
-#endif
 
 int main(void)
 {
@@ -2035,10 +2049,8 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_close_in_chain, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_backpressure, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_exclusive_in_chain, setup, teardown),
-#ifdef EZP_SHOW_BUGS
 	    cmocka_unit_test_setup_teardown(test_bug_queued_replace_loses_head, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_bug_old_chain_outlives_switch, setup, teardown),
-#endif
 	};
 	const char *preload = getenv("LD_PRELOAD");
 	pthread_condattr_t ca;
