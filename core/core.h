@@ -246,6 +246,7 @@ struct ezp__pipeline {
 	atomic_uint_fast64_t total_sessions;
 	atomic_uint_fast64_t bytes[2];
 	atomic_uint_fast64_t connect_failures;
+	atomic_uint_fast64_t refused;     /* clients refused at MaxSessions */
 	bool removed;                     /* deleted: no new sessions */
 	atomic_uint srefs;                /* the daemon's list + one per session */
 	LIST_ENTRY(ezp__pipeline) link;

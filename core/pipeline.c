@@ -428,11 +428,24 @@ fail:
 	return rc;
 }
 
+static void listener_barrier(struct ezp_worker *w, void *arg)
+{
+	(void)w;
+	(void)arg;
+}
+
 void ezp__listener_close(struct ezp_listener *l)
 {
+	struct ezp_core_ctx *d;
+
 	if (!l)
 		return;
+	d = l->p->d;
 	l->kind->unlisten(l->state);
+	/* a worker may be inside listener_accept, or have a hand-off queued:
+	 * one pass through every worker's queue before the listener is freed */
+	if (d->started && !ezp__worker_current())
+		ezp__workers_each(d, listener_barrier, NULL);
 	listener_free(l);
 }
 
@@ -544,9 +557,15 @@ int ezp__pipeline_route_add(struct ezp__pipeline *p, const struct ezp_addr *addr
 	r->done = done;
 	r->done_arg = arg;
 	pthread_mutex_lock(&p->lock);
-	for (old = LIST_FIRST(&p->routes); old; old = next) { /* newest route for an address wins */
+	for (old = LIST_FIRST(&p->routes); old; old = next) {
 		next = LIST_NEXT(old, link);
-		if (!memcmp(&old->addr, addr, sizeof(*addr)) && !old->done) {
+		/* the newest route for an address wins; a re-pointed client's
+		 * earlier standing route into the same session goes */
+		if (old->done)
+			continue;
+		if (!memcmp(&old->addr, addr, sizeof(*addr)) ||
+		    (!once && !old->once && old->session_id == s->id && old->mode == mode &&
+		     mode == EZP__ROUTE_REPLACE)) {
 			LIST_REMOVE(old, link);
 			free(old);
 		}
@@ -662,10 +681,13 @@ int ezp__listener_accept(struct ezp_accept *a)
 	if (done) /* the session of a once-route is gone: a new session instead */
 		done(done_arg, EZP_ERR_CLOSED, "the session ended");
 	if ((int64_t)atomic_load(&p->n_sessions) >= g->limits.max_sessions) {
-		ezp__log(EZP_LOG_WARN, "pipeline",
-			 "pipeline '%s': refused client %s: %ld sessions reached (Limits.MaxSessions)",
-			 p->name, ezp__addr_format(&a->peer, addr, sizeof(addr)),
-			 (long)g->limits.max_sessions);
+		uint64_t n = atomic_fetch_add(&p->refused, 1) + 1;
+		if (!(n & (n - 1))) /* the 1st, 2nd, 4th, ... refusal: no log flood */
+			ezp__log(EZP_LOG_WARN, "pipeline",
+				 "pipeline '%s': refused client %s: %ld sessions reached "
+				 "(Limits.MaxSessions); %lu refused so far",
+				 p->name, ezp__addr_format(&a->peer, addr, sizeof(addr)),
+				 (long)g->limits.max_sessions, (unsigned long)n);
 		ezp__gen_unref(g);
 		return EZP_ERR_LIMIT;
 	}

@@ -49,7 +49,7 @@ struct ezp_session *ezp__session_new(struct ezp__pipeline *p, struct ezp_worker 
 	s->to = g->to;
 	atomic_fetch_add(&g->to->refs, 1);
 	s->gen_no = g->no;
-	s->transport = p->conf->from.kind;
+	s->transport = p->conf->from.transport->name; /* outlives reloads: plugins stay loaded */
 	s->server_addr = g->to_addr;
 	if (!s->clients || ezp__chain_init(s) != EZP_OK) {
 		ezp__chain_fini(s);

@@ -107,6 +107,7 @@ struct udp_sock {
 	unsigned events;
 	struct ezp_timer *sweep; /* expires forwards */
 	unsigned users;          /* listener + client legs + pending defers */
+	unsigned index;          /* in g->socks */
 	uint32_t seed;           /* map hash seed: clients choose the keys */
 	int torn;                /* resources released; the shell lives on with g */
 	struct udp_map map;
@@ -687,8 +688,16 @@ static void udp_sock_input(struct udp_sock *s, const struct ezp_addr *peer, cons
 		udp_forward(s, e->to, peer, data, len, hops, ts);
 		return;
 	}
-	if (!__atomic_load_n(&g->listening, __ATOMIC_ACQUIRE))
-		return; /* unknown client after unlisten */
+	if (!__atomic_load_n(&g->listening, __ATOMIC_ACQUIRE)) {
+		/*
+		 * Unlistened: while sockets leave the SO_REUSEPORT group the kernel may
+		 * hash a client to another worker's old socket. Ask the next worker;
+		 * after every worker was asked it is an unknown client: dropped.
+		 */
+		if (hops + 1 < g->n)
+			udp_forward(s, g->socks[(s->index + 1) % g->n], peer, data, len, hops, ts);
+		return;
+	}
 	if (e) {
 		udp_map_del(&s->map, e);
 		free(e);
@@ -1052,6 +1061,7 @@ static int udp_listen(const struct ezp_core *core, const struct ezp_listen_args 
 		s->g = g;
 		s->worker = args->workers[i];
 		s->users = 1;
+		s->index = i;
 		s->fd = -1;
 		if (getrandom(&s->seed, sizeof(s->seed), GRND_NONBLOCK) != sizeof(s->seed))
 			s->seed = (uint32_t)(uintptr_t)s ^ (uint32_t)udp_now_ms();
@@ -1116,9 +1126,11 @@ static int udp_connect(const struct ezp_core *core, const struct ezp_connect_arg
 	l->leg = args->leg;
 	l->worker = args->worker;
 	l->events = EZP_WATCH_READ;
-	(void)udp_addr_norm(&args->addr->ss, args->addr->len, &l->ent.addr); /* else socket() fails */
+	/* not IPv4 or IPv6: the address stays unset and socket() says EAFNOSUPPORT */
+	(void)udp_addr_norm(&args->addr->ss, args->addr->len, &l->ent.addr);
 	l->fd = udp_socket(NULL, &l->ent.addr);
-	if (l->fd >= 0 && (l->watch = core->watch_add(args->worker, l->fd, l->events, udp_leg_io, l))) {
+	if (l->fd >= 0 &&
+	    (l->watch = core->watch_add(args->worker, l->fd, l->events, udp_leg_io, l))) {
 		core->leg_set_state(args->leg, l);
 		return EZP_OK;
 	}
