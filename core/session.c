@@ -446,9 +446,16 @@ void ezp__leg_error(struct ezp_leg *leg, int reason, const char *message)
 
 	if (s->closing || leg->closed)
 		return;
-	if (!leg->state) { /* the transport never attached: forget the leg */
-		leg->closed = true;
+	if (leg->attach_mode > 0) {
+		/* a client for an existing session whose transport could not attach it:
+		 * the session never had it; tell the waiter and forget the leg */
+		if (leg->attach_done)
+			leg->attach_done(leg->attach_arg, EZP_ERR_IO, message ? message : "attach failed");
+		free(leg);
+		return;
 	}
+	if (!leg->state) /* the transport never attached: forget the leg */
+		leg->closed = true;
 	ezp__session_enter(s);
 	if (leg == s->server_old) {
 		s->server_old = NULL;

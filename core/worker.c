@@ -296,8 +296,13 @@ void ezp__timer_start(struct ezp_timer *t, uint64_t ms, int repeat)
 	event_del(t->ev);
 	if (repeat != t->repeat) {
 		struct event_base *base = event_get_base(t->ev);
+		struct event *ev = event_new(base, -1, repeat ? EV_PERSIST : 0, timer_cb, t);
+		if (!ev) {
+			ezp__log(EZP_LOG_ERROR, "worker", "out of memory: timer not started");
+			return;
+		}
 		event_free(t->ev);
-		t->ev = event_new(base, -1, repeat ? EV_PERSIST : 0, timer_cb, t);
+		t->ev = ev;
 		t->repeat = repeat;
 	}
 	t->ms = ms;

@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +39,7 @@
 #define TCP_TIMEOUT_MS 5000          /* ConnectTimeoutMs default */
 #define TCP_MAX_HOPS 4               /* worker hand-offs of one accepted client */
 #define TCP_LOG_EVERY_US 10000000ull /* accept failures: one log line per 10 s */
+#define TCP_ACCEPT_PAUSE_MS 100      /* accept fails and no client can be refused: wait */
 
 /*
  * One config struct serves both tables: connect() also dials client legs
@@ -60,11 +62,19 @@ struct tcp_lsock { /* one listening socket, used by one worker */
 	int fd;
 	int spare; /* reserved descriptor, given up to refuse a client on EMFILE */
 	struct ezp_watch *watch;
+	struct ezp_timer *retry; /* made on first use: watching again after a pause */
 };
 
 struct tcp_listener {
 	const struct ezp_core *core;
 	struct ezp_listener *listener;
+	/*
+	 * Pausing and resuming a socket's watch after a failed accept (workers)
+	 * against unlisten (control, while the workers run): under mu, nothing
+	 * touches a watch or a retry timer once closing is set.
+	 */
+	pthread_mutex_t mu;
+	int closing;
 	int nodelay;
 	char *pipeline;     /* for log lines */
 	uint64_t logged_us; /* atomic: when an accept failure was last logged */
@@ -879,6 +889,40 @@ static int tcp_refuse_one(struct tcp_lsock *ls)
 	return c >= 0 ? 0 : -1;
 }
 
+/* The pause after a failed accept is over. Thread: ls->worker. */
+static void tcp_accept_resume(void *arg)
+{
+	struct tcp_lsock *ls = arg;
+
+	pthread_mutex_lock(&ls->l->mu);
+	if (!ls->l->closing) {
+		if (ls->spare < 0)
+			ls->spare = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		ls->l->core->watch_set(ls->watch, EZP_WATCH_READ);
+	}
+	pthread_mutex_unlock(&ls->l->mu);
+}
+
+/*
+ * Accepting failed and no waiting client could be refused (no spare, or an
+ * error other than EMFILE/ENFILE): the client stays queued and the socket
+ * readable, so the level-triggered watch would call us again at once, and
+ * again, spinning the worker. Stop watching for TCP_ACCEPT_PAUSE_MS instead.
+ * Thread: ls->worker.
+ */
+static void tcp_accept_pause(struct tcp_lsock *ls)
+{
+	const struct ezp_core *core = ls->l->core;
+
+	pthread_mutex_lock(&ls->l->mu);
+	if (!ls->l->closing &&
+	    (ls->retry || (ls->retry = core->timer_new(ls->worker, tcp_accept_resume, ls)))) {
+		core->watch_set(ls->watch, 0);
+		core->timer_start(ls->retry, TCP_ACCEPT_PAUSE_MS, 0);
+	} /* else out of memory as well: nothing better to do than to be called again */
+	pthread_mutex_unlock(&ls->l->mu);
+}
+
 /* The listening socket is readable. Thread: ls->worker. */
 static void tcp_on_accept(int fd, unsigned events, void *arg)
 {
@@ -901,6 +945,7 @@ static void tcp_on_accept(int fd, unsigned events, void *arg)
 			tcp_accept_failed(l, e);
 			if ((e == EMFILE || e == ENFILE) && tcp_refuse_one(ls) == 0)
 				continue;
+			tcp_accept_pause(ls);
 			return;
 		}
 		if (l->nodelay)
@@ -915,7 +960,15 @@ static void tcp_unlisten(void *state)
 	struct tcp_listener *l = state;
 	unsigned i;
 
-	for (i = 0; l && i < l->n; i++) {
+	if (!l)
+		return;
+	pthread_mutex_lock(&l->mu); /* from here on no callback touches a watch or timer */
+	l->closing = 1;
+	pthread_mutex_unlock(&l->mu);
+	for (i = 0; i < l->n; i++) {
+		/* each free waits for its own callback if one is running right now */
+		if (l->socks[i].retry)
+			l->core->timer_free(l->socks[i].retry);
 		if (l->socks[i].watch)
 			l->core->watch_free(l->socks[i].watch);
 		if (l->socks[i].fd >= 0)
@@ -923,8 +976,8 @@ static void tcp_unlisten(void *state)
 		if (l->socks[i].spare >= 0)
 			close(l->socks[i].spare);
 	}
-	if (l)
-		free(l->pipeline);
+	pthread_mutex_destroy(&l->mu);
+	free(l->pipeline);
 	free(l);
 }
 
@@ -952,10 +1005,12 @@ static int tcp_listen(const struct ezp_core *core, const struct ezp_listen_args 
 	}
 	l->core = core;
 	l->listener = args->listener;
+	pthread_mutex_init(&l->mu, NULL);
 	l->nodelay = conf->nodelay;
 	l->n = args->n_workers;
 	for (i = 0; i < l->n; i++)
-		l->socks[i] = (struct tcp_lsock){l, args->workers[i], -1, -1, NULL};
+		l->socks[i] = (struct tcp_lsock){.l = l, .worker = args->workers[i], .fd = -1,
+						 .spare = -1};
 	backlog = conf->backlog > 0 ? (int)conf->backlog : 1024;
 	addr = conf->addr;
 	for (i = 0; i < l->n; i++) {
