@@ -38,8 +38,8 @@ def main(argv):
                         except (IndexError, ValueError):
                             pass
     if not last_only:
-        print(f"(test programs: {passed} passed, {failed} failed, {skipped} skipped; "
-              f"cmocka cases passed: {cases})")
+        print(f"(test programs over all runs: {passed} passed, {failed} failed, "
+              f"{skipped} skipped)")
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed or passed == 0 else 0
 
