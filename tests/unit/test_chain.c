@@ -48,6 +48,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "wait.h"
 
 static int slow = 1;	      /* 10 under valgrind */
 #define WAIT_MS (5000 * slow) /* the deadline of every ordinary wait */
@@ -57,35 +58,6 @@ static const char *volatile current_test = "?";
 static int big_rcvbuf = 1; /* SO_RCVBUFFORCE worked */
 
 /* ---- time ------------------------------------------------------------------------- */
-
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static struct timespec deadline(int ms)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ts.tv_sec += ms / 1000;
-	ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
-	return ts;
-}
-
-static void poll_pause(void)
-{
-	struct timespec ts = {0, 2 * 1000000L};
-
-	nanosleep(&ts, NULL);
-}
 
 /* ---- the `script` filter plugin ------------------------------------------------------ */
 

@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "wait.h"
 
 static int slow = 1;	      /* 10 under valgrind */
 #define WAIT_MS (5000 * slow) /* the deadline of every ordinary wait */
@@ -53,46 +54,6 @@ static int slow = 1;	      /* 10 under valgrind */
 static const char *volatile current_test = "?";
 
 /* ---- time and waiting ------------------------------------------------------------------ */
-
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static struct timespec deadline(int ms)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ts.tv_sec += ms / 1000;
-	ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
-	return ts;
-}
-
-static void poll_pause(void)
-{
-	struct timespec ts = {0, 2 * 1000000L};
-
-	nanosleep(&ts, NULL);
-}
-
-static void sync_init(pthread_mutex_t *mu, pthread_cond_t *cv)
-{
-	pthread_condattr_t ca;
-
-	pthread_mutex_init(mu, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(cv, &ca);
-	pthread_condattr_destroy(&ca);
-}
 
 /* A counter others bump and the test waits on. */
 struct counter {

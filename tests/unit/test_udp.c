@@ -44,6 +44,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "wait.h"
 
 static int slow = 1;	      /* 10 under valgrind */
 #define WAIT_MS (5000 * slow) /* the deadline of every ordinary wait */
@@ -99,71 +100,12 @@ __attribute__((visibility("default"))) int sendmmsg(int fd, struct mmsghdr *v, u
 
 /* ---- time and waiting ----------------------------------------------------------- */
 
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static struct timespec deadline(int ms)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ts.tv_sec += ms / 1000;
-	ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
-	return ts;
-}
-
-static void sync_init(pthread_mutex_t *mu, pthread_cond_t *cv)
-{
-	pthread_condattr_t ca;
-
-	pthread_mutex_init(mu, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(cv, &ca);
-	pthread_condattr_destroy(&ca);
-}
-
-static void sync_fini(pthread_mutex_t *mu, pthread_cond_t *cv)
-{
-	pthread_cond_destroy(cv);
-	pthread_mutex_destroy(mu);
-}
-
-/* Wait until *@val >= @want (guarded by @mu). Returns 1, or 0 at the deadline. */
-static int wait_at_least(pthread_mutex_t *mu, pthread_cond_t *cv, const int *val, int want, int ms)
-{
-	struct timespec end = deadline(ms);
-	int ok;
-
-	pthread_mutex_lock(mu);
-	while (*val < want && pthread_cond_timedwait(cv, mu, &end) != ETIMEDOUT)
-		;
-	ok = *val >= want;
-	pthread_mutex_unlock(mu);
-	return ok;
-}
-
 static void sleep_ms(int ms)
 {
 	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
 
 	while (nanosleep(&ts, &ts) && errno == EINTR)
 		;
-}
-
-/* Between two looks at a condition that has no event to wait on. */
-static void poll_pause(void)
-{
-	sleep_ms(2);
 }
 
 /* ---- per-test context: everything a test made, freed even when it fails ------------ */
