@@ -8,6 +8,9 @@
 
 #include "core.h"
 
+/* Datagrams queued in a full chain before more are dropped (they cannot be paused). */
+#define EZP__DATAGRAM_BACKLOG 256
+
 static void session_teardown(struct ezp_session *s);
 
 void ezp__session_enter(struct ezp_session *s)
@@ -390,7 +393,7 @@ void ezp__leg_recv(struct ezp_leg *leg, struct ezp_packet *pkt)
 	if (s->next_chain)
 		ezp__chain_maybe_switch(s);
 	if (s->chain->n && ezp__chain_full(s, dir) && (leg->kind->flags & EZP_TRANSPORT_DATAGRAM) &&
-	    s->dir[dir].queued >= 4 * 64) {
+	    s->dir[dir].queued >= EZP__DATAGRAM_BACKLOG) {
 		/* datagram legs cannot be paused: past the window, count and drop */
 		s->dir[dir].overflow++;
 		s->dropped++;
@@ -398,7 +401,8 @@ void ezp__leg_recv(struct ezp_leg *leg, struct ezp_packet *pkt)
 		goto out;
 	}
 	ezp__chain_push(s, dir, pkt, 0);
-	if (!s->bridged && !s->chain->n)
+	/* only transports that can bridge ever take the fast path */
+	if (!s->bridged && !s->chain->n && EZP_HAS(leg->kind, bridge) && leg->kind->bridge)
 		ezp__session_check_fast_path(s);
 out:
 	ezp__session_leave(s);
