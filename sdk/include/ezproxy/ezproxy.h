@@ -73,6 +73,9 @@ struct ezp_session_summary {
 	uint64_t opened_us, last_activity_us;
 	uint64_t bytes[2], packets[2], dropped, replaced, injected;
 	int bridged;               /* on the zero-copy fast path now */
+	/* since ABI 1.0 as well (appended): */
+	struct ezp_addr clients[8]; /* the first 8 client legs (client == clients[0]) */
+	int closing;               /* the session is ending */
 };
 /* Live sessions (of @pipeline, or all when NULL). *out is malloc'd. */
 int ezp_daemon_sessions(struct ezp_daemon *d, const char *pipeline,

@@ -1,0 +1,2 @@
+/* bodies.c - placeholder until its owner writes it. */
+#include "api.h"

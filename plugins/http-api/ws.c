@@ -1,0 +1,2 @@
+/* ws.c - placeholder until its owner writes it. */
+#include "api.h"
