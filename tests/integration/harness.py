@@ -47,6 +47,9 @@ class Deadline:
     def expired(self):
         return time.monotonic() >= self.end
 
+    def sleep(self, seconds):
+        time.sleep(min(seconds, self.left()))
+
 
 # ---- deterministic payloads --------------------------------------------------
 
