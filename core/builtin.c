@@ -1,7 +1,9 @@
 /*
- * builtin.c - the built-in `callback` filter: an exclusive, claimable slot
- * in a pipeline whose holder is a C function (the embedding API and the
- * tests claim it with ezp_filter_claim). Unclaimed, packets pass it.
+ * builtin.c - the built-in exclusive filters: `callback`, a claimable slot
+ * whose holder is a C function (the embedding API and the tests claim it
+ * with ezp_filter_claim, key "callback:NAME"), and `remote`, the slot the
+ * API's WebSocket filter claims (key "remote"). Unclaimed, packets pass
+ * them and a session keeps its zero-copy fast path.
  * Thread: create/destroy control; there are no per-packet callbacks here:
  * the core calls the holder directly.
  */
@@ -45,7 +47,30 @@ static const struct ezp_filter_kind callback_kind = {
 	.destroy = callback_destroy,
 };
 
-static const struct ezp_filter_kind *const builtin_filters[] = {&callback_kind, NULL};
+static int remote_create(const struct ezp_filter_ctx *ctx, const void *config, void **instance,
+			 struct ezp_error *err)
+{
+	(void)ctx;
+	(void)config;
+	(void)err;
+	*instance = NULL;
+	return EZP_OK;
+}
+
+static const struct ezp_filter_kind remote_kind = {
+	.struct_size = sizeof(struct ezp_filter_kind),
+	.name = "remote",
+	.description = "lets one API client (a WebSocket in filter mode) pass, drop, replace "
+		       "or hold each packet",
+	.flags = EZP_FILTER_EXCLUSIVE | EZP_FILTER_READS_PAYLOAD,
+	.params = NULL,
+	.config_size = 0,
+	.create = remote_create,
+	.destroy = callback_destroy,
+};
+
+static const struct ezp_filter_kind *const builtin_filters[] = {&callback_kind, &remote_kind,
+								NULL};
 
 const struct ezp_plugin_desc ezp__builtin_plugin = {
 	.struct_size = sizeof(struct ezp_plugin_desc),

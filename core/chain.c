@@ -87,8 +87,15 @@ static void stage_leave(struct ezp_session *s, unsigned dir, unsigned i, int ver
  * Ask filter @i about @pkt. Returns the verdict; for REPLACE *repl is set,
  * for HOLD *hold_id is the id the holder answers with.
  */
+/* How a held packet waits: its hold id, timeout and default (the holder's or the filter's). */
+struct hold_how {
+	uint64_t id;
+	unsigned timeout_ms;
+	bool drop;
+};
+
 static int stage_call(struct ezp_session *s, unsigned i, struct ezp_packet *pkt,
-		      struct ezp_packet **repl, uint64_t *hold_id)
+		      struct ezp_packet **repl, struct hold_how *hh)
 {
 	struct ezp__stage_def *sd = &s->chain->stages[i];
 	struct ezp_filter_call call;
@@ -106,12 +113,18 @@ static int stage_call(struct ezp_session *s, unsigned i, struct ezp_packet *pkt,
 	call.pkt = pkt;
 	call.hold_id = (++s->w->next_hold << 8) | s->w->index;
 	call.index = i;
+	hh->timeout_ms = (unsigned)sd->conf.hold.timeout_ms;
+	hh->drop = sd->conf.hold.default_drop;
 	if (sd->kind->flags & EZP_FILTER_EXCLUSIVE) {
 		struct ezp__holder *h = atomic_load_explicit(&sd->claim->holder,
 							     memory_order_acquire);
 		if (!h)
 			return EZP_VERDICT_PASS;
 		v = h->h.on_packet(h->h.userdata, &call);
+		if (h->timeout_ms)
+			hh->timeout_ms = h->timeout_ms;
+		if (h->default_verdict >= 0)
+			hh->drop = h->default_verdict == EZP_VERDICT_DROP;
 	} else {
 		v = sd->kind->packet(sd->instances[s->w->index], &call);
 	}
@@ -125,7 +138,8 @@ static int stage_call(struct ezp_session *s, unsigned i, struct ezp_packet *pkt,
 		return v;
 	case EZP_VERDICT_HOLD:
 		ezp__packet_unref(call.replacement);
-		*hold_id = call.hold_id;
+		hh->id = call.hold_id;
+		s->held++;
 		return v;
 	}
 	ezp__packet_unref(call.replacement);
@@ -140,19 +154,19 @@ static void stage_timer_arm(struct ezp_session *s, unsigned dir, unsigned i);
 static void entry_submit(struct ezp_session *s, struct ezp__stage *st, struct ezp__entry *e)
 {
 	struct ezp_packet *repl = NULL;
-	uint64_t hold_id = 0;
-	int v = stage_call(s, e->stage, e->pkt, &repl, &hold_id);
+	struct hold_how hh = {0};
+	int v = stage_call(s, e->stage, e->pkt, &repl, &hh);
 
 	if (v == EZP_VERDICT_HOLD) {
 		e->state = EZP__E_HELD;
-		e->hold_id = hold_id;
-		e->deadline_us = ezp__mono_us() + (uint64_t)stage_hold(s, e->stage)->timeout_ms * 1000u;
+		e->hold_id = hh.id;
+		e->deadline_us = ezp__mono_us() + (uint64_t)hh.timeout_ms * 1000u;
+		e->default_drop = hh.drop;
 		st->held++;
-		if (ezp__map_put(&s->w->holds, hold_id, e) != EZP_OK) {
+		if (ezp__map_put(&s->w->holds, hh.id, e) != EZP_OK) {
 			/* cannot track it: give it the default action now */
 			e->state = EZP__E_DONE;
-			e->verdict = stage_hold(s, e->stage)->default_drop ? EZP_VERDICT_DROP
-									   : EZP_VERDICT_PASS;
+			e->verdict = hh.drop ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
 			st->held--;
 			return;
 		}
@@ -216,8 +230,8 @@ static void stage_arrive(struct ezp_session *s, unsigned dir, unsigned i, struct
 	st = &s->dir[dir].stages[i];
 	if (st->len == 0) {
 		struct ezp_packet *repl = NULL;
-		uint64_t hold_id = 0;
-		int v = stage_call(s, i, pkt, &repl, &hold_id);
+		struct hold_how hh = {0};
+		int v = stage_call(s, i, pkt, &repl, &hh);
 		if (v != EZP_VERDICT_HOLD) {
 			if (v == EZP_VERDICT_REPLACE)
 				stage_leave(s, dir, i, v, pkt, orig, repl);
@@ -236,13 +250,13 @@ static void stage_arrive(struct ezp_session *s, unsigned dir, unsigned i, struct
 		st->len++;
 		s->dir[dir].queued++;
 		e->state = EZP__E_HELD;
-		e->hold_id = hold_id;
-		e->deadline_us = ezp__mono_us() + (uint64_t)stage_hold(s, i)->timeout_ms * 1000u;
+		e->hold_id = hh.id;
+		e->deadline_us = ezp__mono_us() + (uint64_t)hh.timeout_ms * 1000u;
+		e->default_drop = hh.drop;
 		st->held++;
-		if (ezp__map_put(&s->w->holds, hold_id, e) != EZP_OK) {
+		if (ezp__map_put(&s->w->holds, hh.id, e) != EZP_OK) {
 			e->state = EZP__E_DONE;
-			e->verdict = stage_hold(s, i)->default_drop ? EZP_VERDICT_DROP
-								    : EZP_VERDICT_PASS;
+			e->verdict = hh.drop ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
 			st->held--;
 			stage_pump(s, dir, i);
 			return;
@@ -331,9 +345,10 @@ static void stage_timeout(void *arg)
 			continue;
 		ezp__map_del(&s->w->holds, e->hold_id);
 		e->state = EZP__E_DONE;
-		e->verdict = stage_hold(s, r->i)->default_drop ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
+		e->verdict = e->default_drop ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
 		st->held--;
 		expired++;
+		s->hold_timeouts++;
 	}
 	if (expired)
 		ezp__log(EZP_LOG_DEBUG, "chain",
@@ -500,6 +515,18 @@ void ezp__chain_answer(struct ezp_worker *w, uint64_t hold_id, int verdict,
 	ezp__session_leave(s);
 }
 
+bool ezp__chain_active(const struct ezp_session *s)
+{
+	const struct ezp__chain_def *c = s->chain;
+
+	if (c->n_plain)
+		return true;
+	for (size_t i = 0; i < c->n; i++)
+		if (atomic_load_explicit(&c->stages[i].claim->holder, memory_order_acquire))
+			return true;
+	return false;
+}
+
 void ezp__chain_flush_claim(struct ezp_session *s, struct ezp__claim *claim)
 {
 	for (unsigned d = 0; d < 2; d++) {
@@ -514,8 +541,7 @@ void ezp__chain_flush_claim(struct ezp_session *s, struct ezp__claim *claim)
 					continue;
 				ezp__map_del(&s->w->holds, e->hold_id);
 				e->state = EZP__E_DONE;
-				e->verdict = stage_hold(s, i)->default_drop ? EZP_VERDICT_DROP
-									    : EZP_VERDICT_PASS;
+				e->verdict = e->default_drop ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
 				st->held--;
 				any = true;
 			}

@@ -23,9 +23,11 @@ const char ezp__default_config[] = "Workers: auto\n"
 				   "Pipelines:\n"
 				   "  - Name: default\n"
 				   "    From: { tcp: { Listen: 127.0.0.1:5554 } }\n"
+				   "    Through: [ { remote: {} } ]\n"
 				   "    To: { tcp: { Connect: 127.0.0.1:5555 } }\n"
 				   "  - Name: default-udp\n"
 				   "    From: { udp: { Listen: 127.0.0.1:5554 } }\n"
+				   "    Through: [ { remote: {} } ]\n"
 				   "    To: { udp: { Connect: 127.0.0.1:5555 } }\n";
 
 /* ---- the new form ------------------------------------------------------------ */
@@ -80,15 +82,15 @@ static int need_key(struct ezp__pctx *c, const struct ezp__pipeline_conf *p, yam
 			 "missing required key '%s' in %s", pipe_keys[i], path);
 }
 
+/* Parse one pipeline item; @path names it in messages ("Pipelines[2]", "pipeline"). */
 static int parse_pipeline(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *node,
-			  size_t index, struct ezp__pipeline_conf *p)
+			  const char *path, struct ezp__pipeline_conf *p)
 {
 	yaml_node_t *vals[6], *kn[6];
-	char path[EZP__PATH_MAX], sub[EZP__PATH_MAX + 32], show[80];
+	char sub[EZP__PATH_MAX + 32], show[80];
 	struct ezp__pval v;
 	int rc;
 
-	snprintf(path, sizeof(path), "Pipelines[%zu]", index);
 	p->line = EZP__LINE(node);
 	p->column = EZP__COL(node);
 	p->limits = cfg->limits;
@@ -425,9 +427,11 @@ static int parse_new(struct ezp__pctx *c, struct ezp__config *cfg, yaml_node_t *
 		return ezp__perr_nomem(c);
 	for (size_t i = 0; i < n; i++) {
 		yaml_node_t *item = ezp__node(c, pl->data.sequence.items.start[i]);
+		char path[EZP__PATH_MAX];
+		snprintf(path, sizeof(path), "Pipelines[%zu]", i);
 		cfg->n_pipelines++;
 		if ((rc = ezp__spend(c, item)) ||
-		    (rc = parse_pipeline(c, cfg, item, i, &cfg->pipelines[i])))
+		    (rc = parse_pipeline(c, cfg, item, path, &cfg->pipelines[i])))
 			return rc;
 	}
 	return check_names(c, cfg);
@@ -556,4 +560,72 @@ void ezp__config_free(struct ezp__config *cfg)
 	free(cfg->lua.path);
 	free(cfg->lua.mode);
 	free(cfg);
+}
+
+/* ---- one pipeline at a time (the API's create, change and delete) ---- */
+
+int ezp__config_put_pipeline(struct ezp__config *cfg, const char *name, const char *text,
+			     const char *file, const struct ezp__kind_lookup *lookup, int *created,
+			     struct ezp_error *err)
+{
+	struct ezp__pipeline_conf item, *v;
+	struct ezp__pctx c;
+	yaml_document_t doc;
+	yaml_node_t *root;
+	size_t at = cfg->n_pipelines;
+	int rc, is_new;
+
+	memset(&c, 0, sizeof(c));
+	memset(&item, 0, sizeof(item));
+	c.file = file ? file : "<string>";
+	c.err = err;
+	c.lookup = lookup;
+	c.doc = &doc;
+	if ((rc = ezp__doc_load(&c, text, strlen(text), &doc)))
+		return rc;
+	c.budget = (size_t)(doc.nodes.top - doc.nodes.start) + 16;
+	root = yaml_document_get_root_node(&doc);
+	rc = parse_pipeline(&c, cfg, root, "pipeline", &item);
+	yaml_document_delete(&doc);
+	if (rc == EZP_OK && strcmp(item.name, name))
+		rc = ezp__error_set(err, EZP_ERR_INVAL, EZP_SIDE_CLIENT, c.file, item.line,
+				    item.column, "pipeline.Name: '%s' does not match the pipeline "
+				    "'%s' being written", item.name, name);
+	if (rc != EZP_OK) {
+		pipeline_clear(&item);
+		return rc;
+	}
+	for (size_t i = 0; i < cfg->n_pipelines; i++)
+		if (!strcmp(cfg->pipelines[i].name, name))
+			at = i;
+	is_new = at == cfg->n_pipelines;
+	if (is_new) {
+		v = realloc(cfg->pipelines, (cfg->n_pipelines + 1) * sizeof(*v));
+		if (!v) {
+			pipeline_clear(&item);
+			return ezp__error_set(err, EZP_ERR_NOMEM, EZP_SIDE_INTERNAL, "", 0, 0,
+					      "out of memory");
+		}
+		cfg->pipelines = v;
+		cfg->n_pipelines++;
+	} else {
+		pipeline_clear(&cfg->pipelines[at]);
+	}
+	cfg->pipelines[at] = item;
+	*created = is_new;
+	return EZP_OK;
+}
+
+int ezp__config_del_pipeline(struct ezp__config *cfg, const char *name)
+{
+	for (size_t i = 0; i < cfg->n_pipelines; i++) {
+		if (strcmp(cfg->pipelines[i].name, name))
+			continue;
+		pipeline_clear(&cfg->pipelines[i]);
+		memmove(&cfg->pipelines[i], &cfg->pipelines[i + 1],
+			(cfg->n_pipelines - i - 1) * sizeof(*cfg->pipelines));
+		cfg->n_pipelines--;
+		return EZP_OK;
+	}
+	return EZP_ERR_NOT_FOUND;
 }

@@ -114,6 +114,18 @@ int ezp__config_parse(const char *text, size_t len, const char *file,
 int ezp__config_load(const char *path, const struct ezp__kind_lookup *lookup,
 		     struct ezp__config **out, struct ezp_error *err);
 void ezp__config_free(struct ezp__config *cfg);
+/*
+ * Create or replace pipeline @name in @cfg from @text, one YAML mapping in
+ * the form of a Pipelines item (its Name must be @name). Errors give
+ * positions in @text (as @file). *@created: 1 when the name was new.
+ */
+int ezp__config_put_pipeline(struct ezp__config *cfg, const char *name, const char *text,
+			     const char *file, const struct ezp__kind_lookup *lookup, int *created,
+			     struct ezp_error *err);
+/* Remove pipeline @name from @cfg; EZP_ERR_NOT_FOUND when absent. */
+int ezp__config_del_pipeline(struct ezp__config *cfg, const char *name);
+/* One pipeline as YAML (a mapping, every default written out), malloc'd. */
+char *ezp__pipeline_dump(const struct ezp__pipeline_conf *p);
 
 /*
  * Parse one standalone kind item (e.g. the YAML text "{ tcp: { Connect: 1.2.3.4:5 } }"

@@ -233,6 +233,29 @@ static void put_pipeline(struct out *o, const struct ezp__pipeline_conf *p)
 	put_limits(o, &p->limits, 6);
 }
 
+char *ezp__pipeline_dump(const struct ezp__pipeline_conf *p)
+{
+	struct out o = {NULL, 0, 0, 0};
+	char *r, *w;
+
+	put_pipeline(&o, p);
+	if (o.oom || !o.p) {
+		free(o.p);
+		return NULL;
+	}
+	/* "  - Name: x\n    From: ..." -> a mapping: drop 4 columns from every line */
+	for (r = w = o.p; *r;) {
+		for (int k = 0; k < 4 && *r && *r != '\n'; k++)
+			r++;
+		while (*r && *r != '\n')
+			*w++ = *r++;
+		if (*r)
+			*w++ = *r++;
+	}
+	*w = '\0';
+	return o.p;
+}
+
 char *ezp__config_dump(const struct ezp__config *cfg)
 {
 	static const char *const formats[] = {"text", "json"};

@@ -225,6 +225,7 @@ static int legacy_pipelines(struct ezp__pctx *c, struct ezp__config *cfg, const 
 	static const char *const listen_key[] = {"Listen"}, *const connect_key[] = {"Connect"};
 	static const char *const lua_keys[] = {"Script", "Mode"};
 	const char *lua_texts[] = {cfg->lua.path, cfg->lua.mode};
+	size_t n;
 	int rc;
 
 	for (int i = 0; i < 2; i++) {
@@ -253,16 +254,28 @@ static int legacy_pipelines(struct ezp__pctx *c, struct ezp__config *cfg, const 
 					    column, &p->to)) ||
 		    (rc = fill_kv(c, &p->to, connect_key, &server, 1, "ServerAddress")))
 			return rc;
-		if (!cfg->lua.enabled)
+		/* the old program filtered through its WebSocket: the `remote` slot, after Lua */
+		n = (cfg->lua.enabled ? 1 : 0) + (cfg->api.enabled ? 1 : 0);
+		if (!n)
 			continue;
-		if (!(p->through = calloc(1, sizeof(*p->through))))
+		if (!(p->through = calloc(n, sizeof(*p->through))))
 			return ezp__perr_nomem(c);
-		if ((rc = ezp__kind_resolve(c, "lua", EZP__ROLE_FILTER, "Lua", EZP__LINE(lua_at),
-					    EZP__COL(lua_at), &p->through[0])))
-			return rc;
-		p->n_through = 1;
-		if ((rc = fill_kv(c, &p->through[0], lua_keys, lua_texts, 2, "Lua")))
-			return rc;
+		if (cfg->lua.enabled) {
+			if ((rc = ezp__kind_resolve(c, "lua", EZP__ROLE_FILTER, "Lua", EZP__LINE(lua_at),
+						    EZP__COL(lua_at), &p->through[0])))
+				return rc;
+			p->n_through = 1;
+			if ((rc = fill_kv(c, &p->through[0], lua_keys, lua_texts, 2, "Lua")))
+				return rc;
+		}
+		if (cfg->api.enabled) {
+			struct ezp__kind_conf *kc = &p->through[p->n_through];
+			if ((rc = ezp__kind_resolve(c, "remote", EZP__ROLE_FILTER, "Api", line, column,
+						    kc)) ||
+			    (rc = fill_kv(c, kc, NULL, NULL, 0, "Api")))
+				return rc;
+			p->n_through++;
+		}
 	}
 	return EZP_OK;
 }

@@ -276,6 +276,9 @@ static void list_worker(struct ezp_worker *w, void *arg)
 		x->replaced = s->replaced;
 		x->injected = s->injected;
 		x->bridged = s->bridged;
+		for (unsigned k = 0; k < s->n_clients && k < EZP_ARRAY_LEN(x->clients); k++)
+			x->clients[k] = s->clients[k]->peer;
+		x->closing = s->closing;
 	}
 }
 
@@ -445,11 +448,33 @@ struct ezp_claim {
 	struct ezp__holder *h;
 };
 
+/* A claimed slot: sessions of the pipeline leave the fast path so the holder sees their bytes. */
+static void claim_worker(struct ezp_worker *w, void *arg)
+{
+	struct ezp__pipeline *p = arg;
+	struct ezp_session *s, *next;
+
+	for (s = TAILQ_FIRST(&w->sessions); s; s = next) {
+		next = TAILQ_NEXT(s, link);
+		if (s->p != p || s->closing || !s->bridged)
+			continue;
+		ezp__session_enter(s);
+		ezp__session_unbridge(s);
+		ezp__session_leave(s);
+	}
+}
+
 int ezp_filter_claim(struct ezp_daemon *dd, const char *pipeline, const char *key,
 		     const struct ezp_filter_holder *holder, struct ezp_claim **out,
 		     struct ezp_error *err)
 {
-	struct ezp_core_ctx *d = (struct ezp_core_ctx *)dd;
+	return ezp__filter_claim((struct ezp_core_ctx *)dd, pipeline, key, holder, NULL, out, err);
+}
+
+int ezp__filter_claim(struct ezp_core_ctx *d, const char *pipeline, const char *key,
+		      const struct ezp_filter_holder *holder, const struct ezp_claim_opts *opts,
+		      struct ezp_claim **out, struct ezp_error *err)
+{
 	struct ezp__pipeline *p = find_pipeline(d, pipeline, err);
 	struct ezp__claim *slot = NULL, *c;
 	struct ezp__holder *h, *expected = NULL;
@@ -479,6 +504,13 @@ int ezp_filter_claim(struct ezp_daemon *dd, const char *pipeline, const char *ke
 	h->h.name = h->name;
 	h->slot = slot;
 	h->p = p;
+	h->default_verdict = -1;
+	if (opts && EZP_HAS(opts, default_verdict)) {
+		h->timeout_ms = opts->timeout_ms;
+		if (opts->default_verdict == EZP_VERDICT_PASS ||
+		    opts->default_verdict == EZP_VERDICT_DROP)
+			h->default_verdict = opts->default_verdict;
+	}
 	atomic_fetch_add(&p->srefs, 1);
 	if (!atomic_compare_exchange_strong(&slot->holder, &expected, h)) {
 		struct ezp_error tmp;
@@ -492,6 +524,8 @@ int ezp_filter_claim(struct ezp_daemon *dd, const char *pipeline, const char *ke
 	}
 	cl->d = d;
 	cl->h = h;
+	if (d->started)
+		ezp__workers_each(d, claim_worker, p);
 	*out = cl;
 	return EZP_OK;
 }
@@ -507,6 +541,8 @@ static void release_worker(struct ezp_worker *w, void *arg)
 			continue;
 		ezp__session_enter(s);
 		ezp__chain_flush_claim(s, h->slot);
+		if (!s->closing)
+			ezp__session_check_fast_path(s);
 		ezp__session_leave(s);
 	}
 }

@@ -8,6 +8,7 @@
 
 #include <ezproxy/ezproxy.h>
 #include <ezproxy/sdk.h>
+#include <ezproxy/services.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -179,6 +180,8 @@ struct ezp__holder {
 	struct ezp__claim *slot;
 	struct ezp__pipeline *p;
 	atomic_uint pending;         /* workers still flushing after release */
+	unsigned timeout_ms;         /* 0: the filter's HoldTimeoutMs */
+	int default_verdict;         /* -1: the filter's Default */
 };
 
 /* One filter of a chain definition: its conf and one instance per worker. */
@@ -195,6 +198,7 @@ struct ezp__chain_def {
 	struct ezp_core_ctx *d;
 	struct ezp__stage_def *stages;
 	size_t n;
+	size_t n_plain;              /* stages that are not exclusive slots */
 };
 
 /* A `To` endpoint; sessions keep it while their server legs use its config. */
@@ -244,7 +248,9 @@ struct ezp__pipeline {
 	unsigned shared_worker;
 	atomic_uint_fast64_t n_sessions;  /* live */
 	atomic_uint_fast64_t total_sessions;
-	atomic_uint_fast64_t bytes[2];
+	atomic_uint_fast64_t bytes[2];    /* closed sessions' totals from here to... */
+	atomic_uint_fast64_t packets[2];
+	atomic_uint_fast64_t dropped, replaced, injected, held, hold_timeouts; /* ...here */
 	atomic_uint_fast64_t connect_failures;
 	atomic_uint_fast64_t refused;     /* clients refused at MaxSessions */
 	bool removed;                     /* deleted: no new sessions */
@@ -305,6 +311,7 @@ struct ezp__entry {
 	unsigned dir;
 	int state;                     /* EZP__E_* */
 	int verdict;
+	bool default_drop;             /* when held: the action at timeout or release */
 	bool counted_held;
 	TAILQ_ENTRY(ezp__entry) link;
 };
@@ -348,6 +355,7 @@ struct ezp_session {
 	struct ezp_addr server_addr;
 	uint64_t opened_us, last_us;
 	uint64_t bytes[2], packets[2], dropped, replaced, injected;
+	uint64_t held, hold_timeouts;
 	int close_reason;
 	char close_text[160];
 	bool opened;                   /* session_opened was announced */
@@ -435,6 +443,11 @@ void ezp__chain_push_eof(struct ezp_session *s, unsigned dir);
 bool ezp__chain_empty(struct ezp_session *s);
 void ezp__chain_answer(struct ezp_worker *w, uint64_t hold_id, int verdict,
 		       struct ezp_packet *replacement);
+/*
+ * Does the chain do anything? Unclaimed exclusive slots pass every packet,
+ * so a session whose chain has only those may take the fast path.
+ */
+bool ezp__chain_active(const struct ezp_session *s);
 /* Give every held packet of @claim (NULL: all) its default action now. */
 void ezp__chain_flush_claim(struct ezp_session *s, struct ezp__claim *claim);
 /* Switch to s->next_chain if the chain is empty. */
@@ -463,6 +476,7 @@ struct ezp_core_ctx {
 	struct ezp_worker **workers;
 	LIST_HEAD(, ezp__pipeline) pipelines; /* control; read by workers under lock */
 	pthread_mutex_t lock;             /* pipelines list, session index, taps */
+	pthread_mutex_t ctl_lock;         /* recursive: config and pipeline changes, one at a time */
 	struct ezp__map session_worker;   /* id -> worker index + 1 */
 	atomic_uint_fast64_t next_session;
 	atomic_uint_fast64_t next_tap_seq;
@@ -473,7 +487,29 @@ struct ezp_core_ctx {
 	char *config_path;
 	int log_level_override;           /* embedder's level, -1: the config's */
 	struct ezp_error last_error;
+	/* services (service.c) */
+	struct ezp_worker *svc_w;         /* the service loop: runs no session */
+	struct ezp__svc_run *svcs;        /* started services, in start order */
+	size_t n_svcs;
+	char *state_dir;                  /* resolved, created when the API runs */
+	struct ezp_api_conf api_conf;     /* what the API services were started with */
+	struct ezp_control control;       /* the "ezp.control" interface */
+	atomic_uint_fast64_t tap_drops;   /* events taps lost by lagging */
 };
+
+/* A running service (service.c). */
+struct ezp__svc_run {
+	const struct ezp_service_kind *kind;
+	void *state;
+};
+/* Start the service loop and the services the config asks for. Thread: control. */
+int ezp__services_start(struct ezp_core_ctx *d, struct ezp_error *err);
+void ezp__services_stop(struct ezp_core_ctx *d);
+/* The config's Api changed (reload): say it takes effect on restart. */
+void ezp__services_note_reload(struct ezp_core_ctx *d, const struct ezp__config *cfg);
+const void *ezp__find_service(struct ezp_core_ctx *d, const char *name, unsigned min_version);
+/* control_svc.c: fill d->control. */
+void ezp__control_init(struct ezp_core_ctx *d);
 
 /* Worker lookup for a session id (under d->lock). Returns NULL when gone. */
 struct ezp_worker *ezp__session_worker(struct ezp_core_ctx *d, uint64_t id);
@@ -482,7 +518,12 @@ int ezp__session_inject_local(struct ezp_session *s, int dir, struct ezp_packet 
 int ezp__inject_by_id(struct ezp_core_ctx *d, uint64_t id, int dir, const void *data, size_t len,
 		      ezp_done_fn done, void *arg);
 int ezp__close_by_id(struct ezp_core_ctx *d, uint64_t id, ezp_done_fn done, void *arg);
+int ezp__filter_claim(struct ezp_core_ctx *d, const char *pipeline, const char *key,
+		      const struct ezp_filter_holder *holder, const struct ezp_claim_opts *opts,
+		      struct ezp_claim **out, struct ezp_error *err);
 /* Apply a new config as a diff (control thread). Takes @cfg on success. */
 int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ezp_error *err);
+/* Load @path and apply it; nothing changes when it is invalid. Logs the outcome. */
+int ezp__daemon_reload_file(struct ezp_core_ctx *d, const char *path, struct ezp_error *err);
 
 #endif

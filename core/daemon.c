@@ -58,7 +58,15 @@ int ezp_daemon_new(const char *yaml, const char *file, const struct ezp_daemon_o
 	if (!d)
 		return ezp__error_set(err, EZP_ERR_NOMEM, EZP_SIDE_INTERNAL, "", 0, 0, "out of memory");
 	ezp__core_table_init(d);
+	ezp__control_init(d);
 	pthread_mutex_init(&d->lock, NULL);
+	{
+		pthread_mutexattr_t ma;
+		pthread_mutexattr_init(&ma);
+		pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
+		pthread_mutex_init(&d->ctl_lock, &ma);
+		pthread_mutexattr_destroy(&ma);
+	}
 	LIST_INIT(&d->pipelines);
 	LIST_INIT(&d->taps);
 	LIST_INIT(&d->reg.plugins);
@@ -76,6 +84,9 @@ int ezp_daemon_new(const char *yaml, const char *file, const struct ezp_daemon_o
 	rc = daemon_parse(d, yaml, file, &d->cfg, err);
 	if (rc != EZP_OK)
 		goto fail;
+	/* a config that came from a file: the API reloads it and writes changes back there */
+	if (yaml && file && file[0] != '<' && access(file, R_OK) == 0)
+		d->config_path = realpath(file, NULL);
 	d->log_level_override = opts && opts->struct_size && opts->log_level >= 0 ? opts->log_level
 										  : -1;
 	ezp__log_setup(d->log_level_override >= 0 ? d->log_level_override : d->cfg->log_level,
@@ -113,6 +124,8 @@ fail:
 	return rc;
 }
 
+static void start_undo(struct ezp_core_ctx *d);
+
 int ezp_daemon_start(struct ezp_daemon *dd, struct ezp_error *err)
 {
 	struct ezp_core_ctx *d = (struct ezp_core_ctx *)dd;
@@ -139,10 +152,12 @@ int ezp_daemon_start(struct ezp_daemon *dd, struct ezp_error *err)
 	d->started = true;
 	d->started_us = ezp__now_us();
 	ezp__taps_start(d);
-	if (d->cfg->api.enabled && !ezp__registry_service(d, "http-api"))
-		ezp__log(EZP_LOG_WARN, "daemon", "Api is configured (%s) but no loaded plugin provides "
-			 "the 'http-api' service: the API is not available",
-			 d->cfg->api.listen ? d->cfg->api.listen : "127.0.0.1:8080");
+	rc = ezp__services_start(d, err);
+	if (rc != EZP_OK) {
+		d->started = false;
+		start_undo(d);
+		return rc;
+	}
 	ezp__log(EZP_LOG_INFO, "daemon", "ezproxy running: %u worker(s), %s", d->n_workers,
 		 d->cfg->file);
 	return EZP_OK;
@@ -154,6 +169,18 @@ fail:
 	return rc;
 }
 
+/* Undo a start whose services failed: close listeners and stop the workers. */
+static void start_undo(struct ezp_core_ctx *d)
+{
+	struct ezp__pipeline *p;
+
+	LIST_FOREACH(p, &d->pipelines, link)
+		ezp__pipeline_unlisten(p);
+	ezp__pipeline_close_sessions(d, NULL);
+	for (unsigned i = 0; i < d->n_workers; i++)
+		ezp__worker_stop(d->workers[i]);
+}
+
 void ezp_daemon_stop(struct ezp_daemon *dd)
 {
 	struct ezp_core_ctx *d = (struct ezp_core_ctx *)dd;
@@ -162,6 +189,7 @@ void ezp_daemon_stop(struct ezp_daemon *dd)
 	if (!d || !d->started || d->stopping)
 		return;
 	d->stopping = true;
+	ezp__services_stop(d);
 	LIST_FOREACH(p, &d->pipelines, link)
 		ezp__pipeline_unlisten(p);
 	ezp__pipeline_close_sessions(d, NULL);
@@ -192,6 +220,7 @@ void ezp_daemon_free(struct ezp_daemon *dd)
 	ezp__registry_free(d);
 	ezp__map_free(&d->session_worker);
 	pthread_mutex_destroy(&d->lock);
+	pthread_mutex_destroy(&d->ctl_lock);
 	free(d->config_path);
 	free(d);
 }
@@ -303,6 +332,7 @@ int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ez
 		}
 	}
 	free(plans);
+	ezp__services_note_reload(d, cfg);
 	ezp__config_free(d->cfg);
 	d->cfg = cfg;
 	ezp__log_setup(d->log_level_override >= 0 ? d->log_level_override : cfg->log_level,
@@ -336,21 +366,49 @@ int ezp_daemon_reload(struct ezp_daemon *dd, const char *yaml, const char *file,
 
 	if (!err)
 		err = &tmp;
+	pthread_mutex_lock(&d->ctl_lock);
 	rc = daemon_parse(d, yaml, file, &cfg, err);
-	if (rc != EZP_OK)
+	if (rc != EZP_OK) {
+		pthread_mutex_unlock(&d->ctl_lock);
 		return rc;
+	}
 	if (cfg->workers && (unsigned)cfg->workers != d->n_workers)
 		ezp__log(EZP_LOG_WARN, "daemon", "Workers changed to %ld: takes effect on restart",
 			 (long)cfg->workers);
 	rc = ezp__daemon_apply(d, cfg, err);
 	if (rc != EZP_OK)
 		ezp__config_free(cfg);
+	pthread_mutex_unlock(&d->ctl_lock);
 	return rc;
 }
 
 char *ezp_daemon_config_dump(struct ezp_daemon *dd)
 {
 	return ezp__config_dump(((struct ezp_core_ctx *)dd)->cfg);
+}
+
+int ezp__daemon_reload_file(struct ezp_core_ctx *d, const char *path, struct ezp_error *err)
+{
+	struct ezp__kind_lookup lookup;
+	struct ezp__config *cfg = NULL;
+	int rc;
+
+	pthread_mutex_lock(&d->ctl_lock);
+	ezp__registry_lookup(d, &lookup);
+	rc = ezp__config_load(path, &lookup, &cfg, err);
+	if (rc == EZP_OK)
+		rc = ezp__daemon_apply(d, cfg, err);
+	if (rc != EZP_OK) {
+		ezp__config_free(cfg);
+		if (err->line)
+			ezp__log(EZP_LOG_ERROR, "daemon", "reload refused, nothing changed: %s:%d:%d: %s",
+				 err->file, err->line, err->column, err->message);
+		else
+			ezp__log(EZP_LOG_ERROR, "daemon", "reload refused, nothing changed: %s",
+				 err->message);
+	}
+	pthread_mutex_unlock(&d->ctl_lock);
+	return rc;
 }
 
 int ezp_daemon_run_signals(struct ezp_daemon *dd, const char *config_path)
@@ -368,28 +426,13 @@ int ezp_daemon_run_signals(struct ezp_daemon *dd, const char *config_path)
 		if (sigwait(&set, &sig) != 0)
 			continue;
 		if (sig == SIGHUP) {
-			struct ezp__kind_lookup lookup;
-			struct ezp__config *cfg;
 			struct ezp_error err = {0};
 			if (!config_path) {
 				ezp__log(EZP_LOG_WARN, "daemon", "SIGHUP: no config file to reload "
 					 "(started without -c)");
 				continue;
 			}
-			ezp__registry_lookup(d, &lookup);
-			cfg = NULL;
-			if (ezp__config_load(config_path, &lookup, &cfg, &err) != EZP_OK ||
-			    ezp__daemon_apply(d, cfg, &err) != EZP_OK) {
-				ezp__config_free(cfg);
-				if (err.line)
-					ezp__log(EZP_LOG_ERROR, "daemon",
-						 "reload refused, nothing changed: %s:%d:%d: %s",
-						 err.file, err.line, err.column, err.message);
-				else
-					ezp__log(EZP_LOG_ERROR, "daemon",
-						 "reload refused, nothing changed: %s", err.message);
-				continue;
-			}
+			ezp__daemon_reload_file(d, config_path, &err);
 			continue;
 		}
 		ezp__log(EZP_LOG_INFO, "daemon", "%s: shutting down", strsignal(sig));

@@ -90,6 +90,8 @@ static int chain_build(struct ezp_core_ctx *d, struct ezp__pipeline *p,
 		if (rc != EZP_OK)
 			goto fail;
 		sd->kind = pc->through[i].filter;
+		if (!(sd->kind->flags & EZP_FILTER_EXCLUSIVE))
+			c->n_plain++;
 		sd->instances = calloc(d->n_workers, sizeof(void *));
 		if (!sd->instances) {
 			rc = EZP_ERR_NOMEM;
@@ -612,8 +614,15 @@ void ezp__pipeline_session_closed(struct ezp__pipeline *p, struct ezp_session *s
 	if (p->shared_id == s->id)
 		p->shared_id = 0;
 	pthread_mutex_unlock(&p->lock);
-	for (i = 0; i < 2; i++)
+	for (i = 0; i < 2; i++) {
 		atomic_fetch_add(&p->bytes[i], s->bytes[i]);
+		atomic_fetch_add(&p->packets[i], s->packets[i]);
+	}
+	atomic_fetch_add(&p->dropped, s->dropped);
+	atomic_fetch_add(&p->replaced, s->replaced);
+	atomic_fetch_add(&p->injected, s->injected);
+	atomic_fetch_add(&p->held, s->held);
+	atomic_fetch_add(&p->hold_timeouts, s->hold_timeouts);
 	ezp__pipeline_unref(p);
 }
 

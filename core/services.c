@@ -242,10 +242,7 @@ static int svc_tap_subscribe(struct ezp_core_ctx *d, const struct ezp_tap_opts *
 static const void *svc_find_service(struct ezp_core_ctx *d, const char *name,
 				    unsigned min_version)
 {
-	(void)d;
-	(void)name;
-	(void)min_version;
-	return NULL; /* services arrive with the service plugins (issue 3) */
+	return ezp__find_service(d, name, min_version);
 }
 
 void ezp__core_table_init(struct ezp_core_ctx *d)

@@ -278,7 +278,7 @@ void ezp__session_check_fast_path(struct ezp_session *s)
 {
 	struct ezp_leg *c, *sv = s->server;
 
-	if (s->bridged || s->closing || s->chain->n || s->next_chain || s->n_clients != 1 || !sv ||
+	if (s->bridged || s->closing || ezp__chain_active(s) || s->next_chain || s->n_clients != 1 || !sv ||
 	    !sv->connected || s->server_old || !ezp__chain_empty(s) || s->dir[0].eof_pending ||
 	    s->dir[1].eof_pending)
 		return;
@@ -402,7 +402,7 @@ void ezp__leg_recv(struct ezp_leg *leg, struct ezp_packet *pkt)
 	}
 	ezp__chain_push(s, dir, pkt, 0);
 	/* only transports that can bridge ever take the fast path */
-	if (!s->bridged && !s->chain->n && EZP_HAS(leg->kind, bridge) && leg->kind->bridge)
+	if (!s->bridged && EZP_HAS(leg->kind, bridge) && leg->kind->bridge && !ezp__chain_active(s))
 		ezp__session_check_fast_path(s);
 out:
 	ezp__session_leave(s);

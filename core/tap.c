@@ -118,6 +118,7 @@ static void tap_drain(void *arg)
 		pthread_mutex_lock(&t->cb_lock);
 		if (!atomic_load(&t->dead)) {
 			if (lagged) {
+				atomic_fetch_add(&t->d->tap_drops, lagged);
 				t->seq += lagged;
 				if (t->opts.on_lagged)
 					t->opts.on_lagged(t->opts.userdata, lagged);

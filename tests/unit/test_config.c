@@ -149,6 +149,13 @@ static const struct ezp_transport_kind *fake_transport(void *arg, const char *na
 	return NULL;
 }
 
+/* The core's `remote` slot: no parameters of its own. */
+static const struct ezp_filter_kind remote_kind = {
+    .struct_size = sizeof(struct ezp_filter_kind),
+    .name = "remote",
+    .flags = EZP_FILTER_EXCLUSIVE,
+};
+
 static const struct ezp_filter_kind *fake_filter(void *arg, const char *name)
 {
 	struct fake *f = arg;
@@ -164,6 +171,8 @@ static const struct ezp_filter_kind *fake_filter(void *arg, const char *name)
 		return &count_kind;
 	if (!strcmp(name, "broken"))
 		return &broken_kind;
+	if (!strcmp(name, "remote"))
+		return &remote_kind;
 	return NULL;
 }
 
@@ -926,7 +935,9 @@ static void test_legacy(void **state)
 	assert_int_equal(((const struct tcp_listen *)p->from.config)->backlog, 128);
 	assert_string_equal(fmt_addr(&((const struct tcp_connect *)p->to.config)->connect),
 			    "127.0.0.1:5555");
-	assert_int_equal(p->n_through, 0);
+	/* Api.Enable: the old program filtered through its WebSocket: the `remote` slot */
+	assert_int_equal(p->n_through, 1);
+	assert_ptr_equal(p->through[0].filter, &remote_kind);
 	assert_int_equal(p->line, 1);
 	assert_int_equal(p->limits.max_sessions, 10000);
 	p = &cfg->pipelines[1];

@@ -1606,10 +1606,42 @@ static int svc_start(const struct ezp_core *core, const void *config, void **sta
 	return EZP_OK;
 }
 
+static atomic_int svc_starts, svc_stops;
+static const char *svc_state_dir_seen;
+
+static int svc_start_counted(const struct ezp_core *core, const void *config, void **state,
+			     struct ezp_error *err)
+{
+	const struct ezp_api_conf *ac = config;
+
+	(void)core;
+	(void)err;
+	svc_state_dir_seen = ac->state_dir;
+	atomic_fetch_add(&svc_starts, 1);
+	*state = (void *)"auth-state";
+	return EZP_OK;
+}
+
 static void svc_stop(void *state)
 {
 	(void)state;
+	atomic_fetch_add(&svc_stops, 1);
 }
+
+static const void *svc_iface(void *state)
+{
+	return state;
+}
+
+static const struct ezp_service_kind auth_service = {
+    .struct_size = sizeof(struct ezp_service_kind),
+    .name = "auth",
+    .start = svc_start_counted,
+    .stop = svc_stop,
+    .iface_name = "ezp.test-auth",
+    .iface_version = 2,
+    .iface = svc_iface,
+};
 
 static const struct ezp_service_kind http_api_service = {
     .struct_size = sizeof(struct ezp_service_kind),
@@ -1642,7 +1674,8 @@ static int init_fails_quietly(const struct ezp_core *core, struct ezp_error *err
 	return EZP_ERR_PERM;
 }
 
-static const struct ezp_service_kind *const api_services[] = {&http_api_service, NULL};
+static const struct ezp_service_kind *const api_services[] = {&http_api_service, &auth_service,
+							      NULL};
 static const struct ezp_service_kind *const half_services[] = {&half_service, NULL};
 static const struct ezp_transport_kind *const half_transports[] = {&half_transport, NULL};
 static const struct ezp_transport_kind *const tcp_again[] = {&listenonly_transport, NULL};
@@ -1863,41 +1896,54 @@ static void test_daemon_start_port_taken(void **state)
 	assert_int_equal(tcp_try_connect(pa), -ECONNREFUSED);
 }
 
-static void test_daemon_api_warning(void **state)
+static void test_daemon_api_services(void **state)
 {
 	struct ezp_error err = {0};
 	struct ezp_daemon *d;
-	struct capture cap;
-	char *log;
+	const struct ezp_core *core;
+	const struct ezp_control *ctl;
+	char dir[] = "/tmp/ezp-svc-XXXXXX", yaml[1024], sub[256];
+	struct stat st;
 
 	(void)state;
 	current_test = __func__;
-	/* Api configured, but no plugin provides http-api: said at start */
+	assert_non_null(mkdtemp(dir));
+	snprintf(sub, sizeof(sub), "%s/a/b", dir);
+	snprintf(yaml, sizeof(yaml), "StateDir: %s\nApi: {Listen: 127.0.0.1:0}\nPipelines: []\n",
+		 sub);
+	/* Api configured, but no plugin provides the services: the start fails and says so */
 	d = daemon_make(1, 0, "Pipelines: []\n");
-	assert_int_equal(
-	    ezp_daemon_reload(d, "Api: {Listen: 127.0.0.1:0}\nPipelines: []\n", NULL, &err),
-	    EZP_OK);
-	ezp__log_setup(EZP_LOG_WARN, EZP__LOG_TEXT);
-	capture_begin(&cap);
-	assert_int_equal(ezp_daemon_start(d, &err), EZP_OK);
-	log = capture_end(&cap);
-	if (!strstr(log, "Api is configured (127.0.0.1:0) but no loaded plugin provides the "
-			 "'http-api' service"))
-		fail_msg("no warning about the missing API:\n%s", log);
-	free(log);
-	/* with the service there: no warning */
+	assert_int_equal(ezp_daemon_reload(d, yaml, NULL, &err), EZP_OK);
+	assert_int_not_equal(ezp_daemon_start(d, &err), EZP_OK);
+	if (!strstr(err.message, "no loaded plugin provides the 'auth' service"))
+		fail_msg("start without the auth service: '%s'", err.message);
+	/* with the services there: auth then http-api start, in a created 0700 StateDir */
 	d = daemon_make(1, 0, "Pipelines: []\n");
 	assert_int_equal(ezp__registry_add_builtin((struct ezp_core_ctx *)d, &api_plugin, &err),
 			 EZP_OK);
-	assert_int_equal(
-	    ezp_daemon_reload(d, "Api: {Listen: 127.0.0.1:0}\nPipelines: []\n", NULL, &err),
-	    EZP_OK);
-	ezp__log_setup(EZP_LOG_WARN, EZP__LOG_TEXT);
-	capture_begin(&cap);
+	assert_int_equal(ezp_daemon_reload(d, yaml, NULL, &err), EZP_OK);
+	atomic_store(&svc_starts, 0);
+	atomic_store(&svc_stops, 0);
 	assert_int_equal(ezp_daemon_start(d, &err), EZP_OK);
-	log = capture_end(&cap);
-	assert_null(strstr(log, "http-api"));
-	free(log);
+	assert_int_equal(atomic_load(&svc_starts), 1);
+	assert_string_equal(svc_state_dir_seen, sub);
+	assert_int_equal(stat(sub, &st), 0);
+	assert_int_equal(st.st_mode & 0777, 0700);
+	core = ezp_daemon_core(d);
+	ctl = core->find_service(core->ctx, EZP_CONTROL_IFACE, EZP_CONTROL_VERSION);
+	assert_non_null(ctl);
+	assert_non_null(ctl->service_worker(core->ctx));
+	assert_null(core->find_service(core->ctx, EZP_CONTROL_IFACE, EZP_CONTROL_VERSION + 1));
+	assert_string_equal(core->find_service(core->ctx, "ezp.test-auth", 2), "auth-state");
+	assert_null(core->find_service(core->ctx, "ezp.test-auth", 3));
+	assert_null(core->find_service(core->ctx, "ezp.none", 1));
+	assert_null(core->find_service(core->ctx, NULL, 1));
+	ezp_daemon_stop(d);
+	assert_int_equal(atomic_load(&svc_stops), 2);
+	rmdir(sub);
+	snprintf(sub, sizeof(sub), "%s/a", dir);
+	rmdir(sub);
+	rmdir(dir);
 }
 
 /* ---- reload as a diff, with sessions ---- */
@@ -3336,7 +3382,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_daemon_new_errors, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_daemon_pipeline_build_errors, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_daemon_start_port_taken, setup, teardown),
-	    cmocka_unit_test_setup_teardown(test_daemon_api_warning, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_daemon_api_services, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_reload_diff, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_reload_errors_rollback, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_reload_before_start, setup, teardown),

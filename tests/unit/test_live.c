@@ -1770,12 +1770,6 @@ static void test_filter_change_under_stream(void **state)
 		if (rc != EZP_OK)
 			break;
 		changes++;
-		if (at % 2) { /* a filter now: the session left the fast path at once */
-			struct ezp_session_summary *v;
-			size_t n = list_sessions("p", &v);
-			full_path += n == 1 && v[0].id == s.id && !v[0].bridged;
-			free(v);
-		}
 		if (at == 1) { /* the filter's claim slot exists now: count what it sees */
 			h = holder_new();
 			fh = holder_desc(h, "counter");
@@ -1785,6 +1779,12 @@ static void test_filter_change_under_stream(void **state)
 			if (rc != EZP_OK)
 				break;
 			T->claims[T->n_claims++] = cl;
+		}
+		if (at % 2) { /* a claimed filter now: the session left the fast path at once */
+			struct ezp_session_summary *v;
+			size_t n = list_sessions("p", &v);
+			full_path += n == 1 && v[0].id == s.id && !v[0].bridged;
+			free(v);
 		}
 	}
 	if (!stalled && rc == EZP_OK && changes % 2) { /* end with no filters */

@@ -1346,6 +1346,7 @@ static void test_backpressure_full_path(void **state)
 		  "Limits: {MaxPacket: 512}\n"
 		  "Pipelines:\n" PIPELINE("p", "") "    Through: [{callback: {Name: f}}]\n",
 		  sport);
+	holder_claim("p"); /* an unclaimed slot would keep the fast path */
 	backpressure("p", lfd, 0);
 }
 
