@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import select
 import shlex
@@ -435,6 +436,8 @@ class Bench:
         self.udp_trials = 7 if q else 10
         self.udp_retries = args.udp_retries if args.udp_retries is not None else (0 if q else 1)
         self.idle_n = args.idle_sessions
+        self.api_udp_s = args.api_udp_seconds
+        self.ws_tool: Path | None = None
 
     # ---- backends ------------------------------------------------------------------
     def start_backends(self):
@@ -696,6 +699,369 @@ stream {{
         raise ValueError(group)
 
 
+# --------------------------------------------------------------------------- API (--api)
+#
+# DESIGN.md section 14's WebSocket targets, ezproxy only (no peer has this API):
+#   - one v3 watcher attached: TCP bulk (1 stream) as a ratio to the same pipeline untapped,
+#     same daemon, same round (target >= 0.5); and 10k UDP packets/s for a few seconds with the
+#     watcher attached: forwarded vs sent, watcher saw vs sent, `lagged` (target: no loss);
+#   - the remote WebSocket filter: 64-byte TCP rr through Through: [{remote: {}}] with a filter
+#     socket answering every packet `pass`, minus the same pipeline unclaimed (target: added
+#     p50 <= 200 us).
+# The WebSocket client is bench/ezp-ws.c (wslay). The daemon runs with `Api: {Listen:
+# 127.0.0.1:0, Auth: true}` and its own StateDir; the port comes from its log line, the admin
+# key from StateDir/admin.key.
+
+API_ROWS = {
+    # row -> (label, fmt, target text)
+    "ws_bulk_untapped_gbps": ("TCP bulk 1 stream untapped, Gbit/s", "{:.2f}", ""),
+    "ws_bulk_tapped_gbps": ("TCP bulk 1 stream, 1 watcher, Gbit/s", "{:.2f}", ""),
+    "ws_bulk_ratio": ("  tapped / untapped", "{:.2f}", ">= 0.5"),
+    "ws_bulk_watcher_pkts": ("  packets the watcher saw", "{:,.0f}", ""),
+    "ws_bulk_lagged": ("  packets reported lagged", "{:,.0f}", ""),
+    "ws_udp_sent": ("UDP 10k pkt/s, 1 watcher: sent", "{:,.0f}", ""),
+    "ws_udp_forwarded": ("  forwarded (echoed back)", "{:,.0f}", "== sent"),
+    "ws_udp_watcher_to_server": ("  watcher saw to_server", "{:,.0f}", "== sent"),
+    "ws_udp_watcher_to_client": ("  watcher saw to_client", "{:,.0f}", "== forwarded"),
+    "ws_udp_lagged": ("  packets reported lagged", "{:,.0f}", "0"),
+    "remote_rr_unclaimed_p50_us": ("TCP 64B rr, remote unclaimed p50, us", "{:.1f}", ""),
+    "remote_rr_unclaimed_p99_us": ("TCP 64B rr, remote unclaimed p99, us", "{:.1f}", ""),
+    "remote_rr_claimed_p50_us": ("TCP 64B rr, WebSocket filter p50, us", "{:.1f}", ""),
+    "remote_rr_claimed_p99_us": ("TCP 64B rr, WebSocket filter p99, us", "{:.1f}", ""),
+    "remote_added_p50_us": ("  added p50, us", "{:.1f}", "<= 200"),
+    "remote_added_p99_us": ("  added p99, us", "{:.1f}", ""),
+}
+API_PARTS = {"ws_bulk": "ws_bulk_", "ws_udp": "ws_udp_", "remote_rr": "remote_"}
+API_LOG_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+UDP_PROBE_B64 = "cHBwcHBw"  # base64 of "pppppp": ezp-load udprate's session probe, not counted
+
+
+def build_ws_tool(tmp: Path, force_compile: bool) -> Path:
+    src = HERE / "ezp-ws.c"
+    for cand in (ROOT / "build" / "bench" / "ezp-ws", Path.cwd() / "build" / "bench" / "ezp-ws"):
+        if not force_compile and cand.is_file() and os.access(cand, os.X_OK) \
+                and cand.stat().st_mtime >= src.stat().st_mtime:
+            return cand
+    cc = os.environ.get("CC") or which("gcc") or which("cc")
+    if not cc:
+        raise BenchError("no C compiler (gcc) found and no build/bench/ezp-ws")
+    out = tmp / "ezp-ws"
+    r = subprocess.run([cc, "-O2", "-std=gnu11", "-o", str(out), str(src), "-lwslay", "-ljansson",
+                        "-lcrypto"], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise BenchError(f"compiling ezp-ws.c failed (needs libwslay-dev, libjansson-dev, "
+                         f"libssl-dev):\n{r.stderr}")
+    return out
+
+
+class ApiDaemon:
+    """An ezproxy daemon with the API on, started from a YAML config with its own StateDir."""
+
+    def __init__(self, bench: "Bench", name: str, pipelines: str, pin: int | None):
+        self.b = bench
+        d = bench.tmp / name
+        d.mkdir(mode=0o700)
+        self.state = d / "state"
+        self.state.mkdir(mode=0o700)
+        conf = d / "ezproxy.yaml"
+        conf.write_text(f"StateDir: {self.state}\n"
+                        "Api: {Listen: 127.0.0.1:0, Auth: true}\n"
+                        "Logging: {Level: info}\n"
+                        f"Pipelines:\n{pipelines}")
+        self.p = bench.procs.start([bench.ezproxy_bin(), "run", "-c", str(conf)], name, pin=pin)
+        self.key_file = self.state / "admin.key"
+        self.port = None
+        self.key = None
+
+    def wait_ready(self, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.p.poll() is not None:
+                raise BenchError(f"{self.p.bench_name} exited ({self.p.returncode}): "
+                                 f"{tail(self.p.bench_log)}")
+            if self.port is None:
+                try:
+                    m = API_LOG_RE.search(self.p.bench_log.read_text(errors="replace"))
+                except OSError:
+                    m = None
+                if m:
+                    self.port = int(m.group(1))
+            if self.port is not None and self.key is None and self.key_file.is_file():
+                key = self.key_file.read_text().strip()
+                self.key = key or None
+            if self.port is not None and self.key is not None:
+                try:
+                    st, _ = self.request("GET", "/api/3/status")
+                    if st == 200:
+                        return
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.p.bench_name}: API not ready after {timeout:.0f}s "
+                                 f"(port {self.port}, key file {'present' if self.key else 'missing'}): "
+                                 f"{tail(self.p.bench_log)}")
+            time.sleep(0.05)
+
+    def request(self, method: str, path: str) -> tuple[int, object]:
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            c.request(method, path, headers={"Authorization": f"Bearer {self.key}"})
+            r = c.getresponse()
+            body = r.read()
+            try:
+                return r.status, json.loads(body) if body else None
+            except ValueError:
+                return r.status, None
+        finally:
+            c.close()
+
+    def stop(self):
+        self.b.procs.stop(self.p)
+
+
+class WsClient:
+    """One ezp-ws process (watch or filter) on a pipeline."""
+
+    def __init__(self, bench: "Bench", d: ApiDaemon, mode: str, pipeline: str,
+                 pin: int | None = None, extra: tuple = ()):
+        self.b = bench
+        cmd = [str(bench.ws_tool), mode, "--api", f"127.0.0.1:{d.port}", "--key-file", str(d.key_file),
+               "--pipeline", pipeline, "--max-seconds", "600", *extra]
+        self.p = bench.procs.start(cmd, f"ws-{mode}-{pipeline}", pin=pin,
+                                   stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        self.buf = b""
+        res = self._line(10)
+        if "error" in res:
+            self.b.procs.stop(self.p)
+            raise BenchError(f"ezp-ws {mode}: {res['error']}")
+        if not res.get("ready"):
+            self.b.procs.stop(self.p)
+            raise BenchError(f"ezp-ws {mode}: unexpected first line {res}")
+
+    def _line(self, timeout: float) -> dict:
+        fd = self.p.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.p.bench_name}: no output within {timeout:.0f}s")
+            r, _, _ = select.select([fd], [], [], min(left, 0.5))
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise BenchError(f"{self.p.bench_name}: exited early: {tail(self.p.bench_log)}")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        vlog(f"      ws: {line.decode(errors='replace')}")
+        return json.loads(line)
+
+    def stats(self) -> dict:
+        self.p.stdin.write(b"stats\n")
+        self.p.stdin.flush()
+        return self._line(10)
+
+    def settle(self, keys: tuple, quiet: float = 0.5, timeout: float = 10.0) -> dict:
+        """Poll the counters until `keys` stop moving for `quiet` seconds (bounded)."""
+        deadline = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        while True:
+            s = self.stats()
+            cur = tuple(s.get(k) for k in keys)
+            if cur != last:
+                last, since = cur, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return s
+            if time.monotonic() > deadline:
+                return s
+            time.sleep(0.1)
+
+    def finish(self) -> dict:
+        """Close stdin: the client closes its socket and prints its final counters."""
+        try:
+            self.p.stdin.close()
+            res = self._line(10)
+        finally:
+            self.b.procs.stop(self.p)
+        if res.get("failed"):
+            raise BenchError(f"ezp-ws {res.get('mode')}: {res.get('last_error')}")
+        return res
+
+
+class ApiRuns:
+    """The --api measurements of one round, on fresh daemons."""
+
+    def __init__(self, b: "Bench"):
+        self.b = b
+
+    def run(self, rnd: int) -> tuple[dict, dict]:
+        res, errs = {}, {}
+        for part, fn in (("ws_bulk", self.m_bulk_udp), ("remote_rr", self.m_remote)):
+            try:
+                res.update(fn(rnd))
+            except (BenchError, OSError, ValueError, KeyError) as e:
+                log(f"  api {part}: FAILED: {type(e).__name__}: {e}")
+                errs[part] = str(e)
+        return res, errs
+
+    def m_bulk_udp(self, rnd: int) -> dict:
+        b = self.b
+        tport, uport = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
+        b.cfgn += 1
+        d = ApiDaemon(b, f"ezproxy-api-{b.cfgn}", (
+            f"  - Name: bulk\n"
+            f"    From: {{ tcp: {{ Listen: 127.0.0.1:{tport} }} }}\n"
+            f"    To: {{ tcp: {{ Connect: 127.0.0.1:{b.backends['sink']} }} }}\n"
+            f"  - Name: udp\n"
+            f"    From: {{ udp: {{ Listen: 127.0.0.1:{uport} }} }}\n"
+            f"    To: {{ udp: {{ Connect: 127.0.0.1:{b.backends['echo_udp']} }} }}\n"), pin=None)
+        out: dict = {}
+        try:
+            d.wait_ready()
+            tcp_ready(tport, [d.p])
+            udp_ready(uport, [d.p])
+
+            def bulk() -> float:
+                r = b.run_load(["bulk", "--connect", f"127.0.0.1:{tport}", "--streams", "1",
+                                "--seconds", str(b.bulk_s)], timeout=b.bulk_s + 20)
+                return r["gbps"]
+
+            # alternate which goes first, so drift within a round does not favour one
+            if rnd % 2 == 0:
+                out["ws_bulk_untapped_gbps"] = bulk()
+            w = WsClient(b, d, "watch", "bulk")
+            try:
+                out["ws_bulk_tapped_gbps"] = bulk()
+                w.settle(("frames",), quiet=0.3, timeout=5)  # let the watcher catch up
+            finally:
+                f = w.finish()
+            if rnd % 2 == 1:
+                out["ws_bulk_untapped_gbps"] = bulk()
+            out["ws_bulk_ratio"] = round(out["ws_bulk_tapped_gbps"] / out["ws_bulk_untapped_gbps"], 3) \
+                if out["ws_bulk_untapped_gbps"] else None
+            out["ws_bulk_watcher_pkts"] = f["packets"]
+            out["ws_bulk_lagged"] = f["lagged"]
+            out["_ws_bulk_watcher"] = {k: f[k] for k in ("frames", "bytes", "packets", "lagged",
+                                                         "lagged_frames", "error_frames")}
+
+            # 10k packets/s of 64 bytes for --api-udp-seconds with the watcher attached
+            w = WsClient(b, d, "watch", "udp", extra=("--skip-data-prefix", UDP_PROBE_B64))
+            try:
+                secs = b.api_udp_s
+                r = b.run_load(["udprate", "--connect", f"127.0.0.1:{uport}", "--rate",
+                                str(b.a.api_udp_rate), "--seconds", str(secs), "--size", "64"],
+                               timeout=secs + 20)
+                w.settle(("to_server", "to_client", "lagged"), quiet=0.5, timeout=10)
+            finally:
+                f = w.finish()
+            out["ws_udp_sent"] = r["sent"]
+            out["ws_udp_forwarded"] = r["received"]
+            out["ws_udp_watcher_to_server"] = f["to_server"]
+            out["ws_udp_watcher_to_client"] = f["to_client"]
+            out["ws_udp_lagged"] = f["lagged"]
+            out["_ws_udp"] = {"rate_sent": r["rate_sent"], "send_errors": r["errors"],
+                              "watcher": {k: f[k] for k in ("frames", "packets", "skipped", "lagged",
+                                                            "lagged_frames", "error_frames")}}
+            try:  # the daemon's own count of the session (includes the probe datagram)
+                st, body = d.request("GET", "/api/3/sessions?pipeline=udp")
+                if st == 200 and isinstance(body, dict):
+                    out["_ws_udp"]["sessions"] = [
+                        {k: s.get(k) for k in ("id", "packets_to_server", "packets_to_client",
+                                               "dropped")} for s in body.get("sessions", [])]
+            except OSError:
+                pass
+            return out
+        finally:
+            d.stop()
+
+    def m_remote(self, rnd: int) -> dict:
+        b = self.b
+        port = free_port(socket.SOCK_STREAM)
+        b.cfgn += 1
+        d = ApiDaemon(b, f"ezproxy-api-{b.cfgn}", (
+            f"  - Name: rr\n"
+            f"    From: {{ tcp: {{ Listen: 127.0.0.1:{port} }} }}\n"
+            f"    Through: [ {{ remote: {{}} }} ]\n"
+            f"    To: {{ tcp: {{ Connect: 127.0.0.1:{b.backends['echo_tcp_pinned']} }} }}\n"),
+            pin=b.pin)
+        out: dict = {}
+        try:
+            d.wait_ready()
+            tcp_ready(port, [d.p])
+            maxs = 60 if b.a.quick else 180
+
+            def rr(tag: str):
+                r = b.run_load(["rr", "--tcp", "--connect", f"127.0.0.1:{port}", "--count",
+                                str(b.rr_count), "--size", "64", "--max-seconds", str(maxs)],
+                               timeout=maxs + 20, pin=b.pin)
+                out[f"remote_rr_{tag}_p50_us"] = r["p50_us"]
+                out[f"remote_rr_{tag}_p99_us"] = r["p99_us"]
+
+            if rnd % 2 == 0:
+                rr("unclaimed")
+            w = WsClient(b, d, "filter", "rr", pin=b.pin)
+            try:
+                rr("claimed")
+            finally:
+                f = w.finish()
+            if rnd % 2 == 1:
+                rr("unclaimed")
+            out["remote_added_p50_us"] = round(out["remote_rr_claimed_p50_us"]
+                                               - out["remote_rr_unclaimed_p50_us"], 2)
+            out["remote_added_p99_us"] = round(out["remote_rr_claimed_p99_us"]
+                                               - out["remote_rr_unclaimed_p99_us"], 2)
+            out["_remote_filter"] = {k: f[k] for k in ("held", "verdicts", "verdict_failures",
+                                                       "error_frames", "last_error")}
+            if f["verdicts"] < b.rr_count:
+                raise BenchError(f"the filter socket answered {f['verdicts']} packets, fewer than "
+                                 f"{b.rr_count} round trips: packets were not held")
+            return out
+        finally:
+            d.stop()
+
+
+def api_summary(rounds: list[dict]) -> dict:
+    summary = {}
+    for row, (label, _, target) in API_ROWS.items():
+        vals = [r["api"].get(row) for r in rounds if isinstance(r.get("api"), dict)]
+        summary[row] = {"label": label, "median": median(vals), "per_round": vals, "target": target}
+    # targets: ratio median >= 0.5; added p50 median <= 200; no loss in ANY round
+    def get(row):
+        return summary[row]["median"]
+    if get("ws_bulk_ratio") is not None:
+        summary["ws_bulk_ratio"]["met"] = get("ws_bulk_ratio") >= 0.5
+    if get("remote_added_p50_us") is not None:
+        summary["remote_added_p50_us"]["met"] = get("remote_added_p50_us") <= 200
+    udp = [r["api"] for r in rounds if isinstance(r.get("api"), dict) and "ws_udp_sent" in r["api"]]
+    if udp:
+        summary["ws_udp_forwarded"]["met"] = all(u["ws_udp_forwarded"] == u["ws_udp_sent"] for u in udp)
+        summary["ws_udp_watcher_to_server"]["met"] = all(
+            u["ws_udp_watcher_to_server"] == u["ws_udp_sent"] for u in udp)
+        summary["ws_udp_watcher_to_client"]["met"] = all(
+            u["ws_udp_watcher_to_client"] == u["ws_udp_forwarded"] for u in udp)
+        summary["ws_udp_lagged"]["met"] = all(u["ws_udp_lagged"] == 0 for u in udp)
+    return summary
+
+
+def print_api_table(summary: dict, out=sys.stdout):
+    head = ["API (ezproxy only)", "median", "per round", "target", "met?"]
+    body = []
+    for row, s in summary.items():
+        f = API_ROWS[row][1]
+        med = s["median"]
+        cells = [s["label"], f.format(med) if med is not None else "n/a",
+                 " ".join(f.format(v) if v is not None else "-" for v in s["per_round"]),
+                 s["target"], {True: "yes", False: "NO", None: ""}[s.get("met")]]
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    for cells in [head, ["-" * w for w in widths], *body]:
+        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                        for i, c in enumerate(cells)), file=out)
+    print("\nno loss = in every round; ratio and added latency = medians over rounds. Bulk and UDP "
+          "unpinned; the rr rows pinned to one CPU (client, daemon, echo server, filter socket).",
+          file=out)
+
+
 # --------------------------------------------------------------------------- summary
 
 def median(xs):
@@ -793,7 +1159,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 round, short durations (< 2 minutes)")
     ap.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
-    ap.add_argument("--only", help="comma list of: " + ", ".join(GROUP_ORDER) + " (aliases: rr, bulk1, bulk8, ...)")
+    ap.add_argument("--only", help="comma list of: " + ", ".join(GROUP_ORDER) + ", api (aliases: rr, bulk1, bulk8, ...)")
+    ap.add_argument("--api", action="store_true", help="also run the API benchmarks (WebSocket watcher, "
+                    "remote WebSocket filter; ezproxy only). `--only api` runs just those")
+    ap.add_argument("--api-udp-rate", type=int, default=10000, help="UDP packets/s with a watcher (10000)")
+    ap.add_argument("--api-udp-seconds", type=float, default=3.0, help="how long to send them (3)")
     ap.add_argument("--configs", help="comma list of configurations (default: all of " + ", ".join(CONFIGS) + ")")
     ap.add_argument("--ezproxy", default="build/ezproxy", help="ezproxy binary (default build/ezproxy)")
     ap.add_argument("--ezproxy-cmd", help="command template for the ezproxy config; placeholders "
@@ -803,7 +1173,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", help="write results as JSON to this file")
     ap.add_argument("--pin-cpu", type=int, default=0, help="CPU for the pinned round-trip runs (default 0)")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install missing peers")
-    ap.add_argument("--compile", action="store_true", help="always compile ezp-load.c, ignore build/bench/ezp-load")
+    ap.add_argument("--compile", action="store_true", help="always compile ezp-load.c (and ezp-ws.c), "
+                    "ignore build/bench/")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     ap.add_argument("--bulk-seconds", type=float)
     ap.add_argument("--cps-seconds", type=float)
@@ -822,6 +1193,9 @@ def parse_args(argv=None):
     if a.only:
         for tok in a.only.split(","):
             tok = tok.strip().lower()
+            if tok in ("api", "ws", "websocket"):
+                a.api = True
+                continue
             g = ALIASES.get(tok, tok)
             for x in (g if isinstance(g, list) else [g]):
                 if x not in GROUPS:
@@ -832,6 +1206,8 @@ def parse_args(argv=None):
     else:
         groups = list(GROUP_ORDER)
     a.groups = groups
+    if a.api_udp_rate < 1 or a.api_udp_rate > 1000000 or not 0 < a.api_udp_seconds <= 60:
+        ap.error("--api-udp-rate must be 1..1000000 and --api-udp-seconds 0..60")
     if a.configs:
         a.config_list = [c.strip() for c in a.configs.split(",") if c.strip()]
         for c in a.config_list:
@@ -874,10 +1250,20 @@ def main(argv=None) -> int:
         load_at_start = busy_warning("at start")
         load = build_load_tool(tmp, a.compile)
         log(f"ezp-bench: load tool {load}")
-        need = set(a.config_list) & set(PEERS)
+        need = set(a.config_list) & set(PEERS) if a.groups else set()
         peers = ensure_peers(tmp, install=not a.no_install) if need or a.ezproxy_stub else {}
         b = Bench(a, tmp, procs, load, peers)
-        for c in a.config_list:
+        run_api = a.api
+        if run_api:
+            why = ("the ezproxy column is a stub" if a.ezproxy_stub else
+                   None if b.ezproxy_bin() else f"no binary at {a.ezproxy}")
+            if why:
+                log(f"ezp-bench: api: n/a ({why})")
+                run_api = False
+            else:
+                b.ws_tool = build_ws_tool(tmp, a.compile)
+                log(f"ezp-bench: WebSocket client {b.ws_tool}")
+        for c in (a.config_list if a.groups else []):
             why = b.available(c)
             if why:
                 log(f"ezp-bench: {c}: n/a ({why})")
@@ -885,11 +1271,11 @@ def main(argv=None) -> int:
             log(f"ezp-bench: NOTE: the 'ezproxy' column is a {a.ezproxy_stub} stub, not ezproxy")
         b.start_backends()
         rows = [r for g in a.groups for r in GROUPS[g]]
-        configs = a.config_list
+        configs = a.config_list if a.groups else []
         for rnd in range(a.rounds):
-            k = rnd % len(configs)
+            k = rnd % len(configs) if configs else 0
             order = configs[k:] + configs[:k]
-            log(f"ezp-bench: round {rnd + 1}/{a.rounds}: {' '.join(order)}")
+            log(f"ezp-bench: round {rnd + 1}/{a.rounds}: {' '.join(order + (['api'] if run_api else []))}")
             rr = {"round": rnd + 1, "order": order, "results": {}, "notes": {}, "errors": {},
                   "cpu_busy_before": cpu_busy(0.3)}
             for cfg in order:
@@ -911,8 +1297,15 @@ def main(argv=None) -> int:
                 rr["notes"][cfg] = notes
                 brief = ", ".join(f"{k}={fmt(v, k)}" for k, v in res.items() if not k.startswith("_"))
                 log(f"  {cfg:8s} ({time.monotonic() - t0:4.1f}s) {brief}")
+            if run_api:
+                t0 = time.monotonic()
+                rr["api"], rr["api_errors"] = ApiRuns(b).run(rnd)
+                failures += len(rr["api_errors"])
+                brief = ", ".join(f"{k}={v}" for k, v in rr["api"].items() if not k.startswith("_"))
+                log(f"  api      ({time.monotonic() - t0:4.1f}s) {brief}")
             rounds.append(rr)
         summary = summarize(rounds, rows, configs)
+        api_sum = api_summary(rounds) if run_api else None
         load_at_end = busy_warning("at the end")
         elapsed = time.monotonic() - t_start
         print()
@@ -921,8 +1314,13 @@ def main(argv=None) -> int:
             title += f"  [ezproxy column = {a.ezproxy_stub} STUB]"
         print(title)
         print()
-        print_table(summary, configs)
-        print(f"\nround trips pinned to CPU {a.pin_cpu} (client, proxy, echo server); throughput unpinned. "
+        if configs:
+            print_table(summary, configs)
+            print()
+        if api_sum:
+            print_api_table(api_sum)
+            print()
+        print(f"round trips pinned to CPU {a.pin_cpu} (client, proxy, echo server); throughput unpinned. "
               f"took {elapsed:.0f}s")
         if a.json:
             meta = {
@@ -941,10 +1339,14 @@ def main(argv=None) -> int:
                 },
                 "durations": {"bulk_s": b.bulk_s, "cps_s": b.cps_s, "rr_count": b.rr_count,
                               "udp_trial_s": b.udp_trial_s, "udp_trials_max": b.udp_trials,
-                              "idle_sessions": b.idle_n},
+                              "idle_sessions": b.idle_n, "api_udp_rate": a.api_udp_rate,
+                              "api_udp_s": b.api_udp_s},
+                "ws_tool": str(b.ws_tool) if b.ws_tool else None,
             }
-            Path(a.json).write_text(json.dumps({"meta": meta, "rounds": rounds, "summary": summary},
-                                               indent=2, default=str) + "\n")
+            doc = {"meta": meta, "rounds": rounds, "summary": summary}
+            if api_sum:
+                doc["api_summary"] = api_sum
+            Path(a.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
             log(f"ezp-bench: wrote {a.json}")
         if failures:
             log(f"ezp-bench: {failures} measurement(s) failed (see FAILED lines above)")

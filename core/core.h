@@ -511,6 +511,14 @@ const void *ezp__find_service(struct ezp_core_ctx *d, const char *name, unsigned
 /* control_svc.c: fill d->control. */
 void ezp__control_init(struct ezp_core_ctx *d);
 
+/* Is the caller off @d's packet workers (the control thread or the service loop)? */
+static inline bool ezp__off_workers(struct ezp_core_ctx *d)
+{
+	struct ezp_worker *w = ezp__worker_current();
+
+	return !w || w == d->svc_w;
+}
+
 /* Worker lookup for a session id (under d->lock). Returns NULL when gone. */
 struct ezp_worker *ezp__session_worker(struct ezp_core_ctx *d, uint64_t id);
 void ezp__core_table_init(struct ezp_core_ctx *d);

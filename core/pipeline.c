@@ -446,7 +446,7 @@ void ezp__listener_close(struct ezp_listener *l)
 	l->kind->unlisten(l->state);
 	/* a worker may be inside listener_accept, or have a hand-off queued:
 	 * one pass through every worker's queue before the listener is freed */
-	if (d->started && !ezp__worker_current())
+	if (d->started && ezp__off_workers(d))
 		ezp__workers_each(d, listener_barrier, NULL);
 	listener_free(l);
 }

@@ -292,7 +292,7 @@ static void taps_changed(struct ezp_core_ctx *d)
 {
 	if (!d->started)
 		return;
-	if (!ezp__worker_current()) {
+	if (ezp__off_workers(d)) {
 		ezp__workers_each(d, taps_refresh, NULL);
 		return;
 	}

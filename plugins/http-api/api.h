@@ -116,6 +116,9 @@ void api_reply_json(struct api_req *r, unsigned status, json_t *body);
 /* v3: {"error": {"code", "message"}}; old API: {"Status": status, "Data": "message"}. */
 void api_error(struct api_req *r, unsigned status, const char *code, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
+/* As api_error, with a "field" member naming the body field at fault (v3 only). */
+void api_error_field(struct api_req *r, unsigned status, const char *code, const char *field,
+		     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 /* Map a failed core call to a status and code (NOT_FOUND 404 `<what>_not_found`, ...). */
 void api_error_from(struct api_req *r, const struct ezp_error *err, const char *what);
 /* Old API success: {"Status": status, "Data": data}. (transfer full) @data. */

@@ -1,2 +1,1062 @@
-/* server.c - placeholder until its owner writes it. */
+/*
+ * server.c - the `http-api` service: libmicrohttpd driven from the core's
+ * service loop, the route tables, keys and permissions, replies, request
+ * size limits, and blocking work moved off the loop.
+ *
+ * libmicrohttpd runs without a thread of its own (MHD_USE_EPOLL): its
+ * epoll fd is watched on the service loop, MHD_run() runs on readiness and
+ * a core timer is re-armed from MHD_get_timeout() after every run. The
+ * listening socket is made here so the bound port is known (port 0).
+ *
+ * Threads: start/stop run on the control thread and hand everything that
+ * touches libmicrohttpd to the service loop (defer + wait); requests are
+ * answered on the service loop; api_run_blocking() work runs on a detached
+ * thread of its own while its connection is suspended. Keys and the
+ * ?key= query are never logged; bodies never above debug (and not even
+ * there).
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "api.h"
+#include "bodies.h"
+
+#define SRV_SRC "http-api"
+#define SRV_BACKLOG 128
+#define SRV_CONN_LIMIT 1024u
+#define SRV_CONN_TIMEOUT_S 120u
+#define SRV_PEM_MAX (1u << 20)
+
+/* Kept from init(); each instance uses its own copy (api.core). */
+static const struct ezp_core *srv_core;
+
+/* The plugin's state: struct api first, so a struct api * is a struct srv *. */
+struct srv {
+	struct api api;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	unsigned n_blocking;   /* connections suspended for api_run_blocking (lock) */
+	bool closing;          /* stop() has begun (lock) */
+	int epoll_fd;
+	bool setup_ok, subscribed;
+};
+
+/* One request: struct api_req first. */
+struct srv_req {
+	struct api_req r;
+	const struct api_route *rt;
+	size_t body_cap;
+	bool answered;
+};
+
+static const char *const srv_perm_names[] = EZP_PERM_NAMES;
+
+static struct srv *srv_of(struct api *api)
+{
+	return (struct srv *)api;
+}
+
+/* ---- the loop: MHD_run on readiness, timer from MHD_get_timeout ---- */
+
+static void srv_run(struct srv *s)
+{
+	MHD_UNSIGNED_LONG_LONG ms = 0;
+
+	if (!s->api.mhd)
+		return;
+	MHD_run(s->api.mhd);
+	if (MHD_get_timeout(s->api.mhd, &ms) == MHD_YES)
+		s->api.core->timer_start(s->api.mhd_timer, ms > 3600000u ? 3600000u : ms, 0);
+	else
+		s->api.core->timer_stop(s->api.mhd_timer);
+}
+
+static void srv_on_timer(void *arg)
+{
+	srv_run(arg);
+}
+
+static void srv_on_ready(int fd, unsigned events, void *arg)
+{
+	(void)fd;
+	(void)events;
+	srv_run(arg);
+}
+
+/* Run @fn(@s) on the service loop and wait for it. -1 when the loop is gone. */
+struct srv_call {
+	struct srv *s;
+	void (*fn)(struct srv *s);
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool done;
+};
+
+static void srv_call_run(void *arg)
+{
+	struct srv_call *c = arg;
+
+	c->fn(c->s);
+	pthread_mutex_lock(&c->lock);
+	c->done = true;
+	pthread_cond_signal(&c->cond);
+	pthread_mutex_unlock(&c->lock);
+}
+
+static int srv_on_loop(struct srv *s, void (*fn)(struct srv *s))
+{
+	struct srv_call c = {.s = s, .fn = fn};
+
+	if (s->api.core->worker_current() == s->api.w) {
+		fn(s);
+		return 0;
+	}
+	pthread_mutex_init(&c.lock, NULL);
+	pthread_cond_init(&c.cond, NULL);
+	if (s->api.core->defer(s->api.w, srv_call_run, &c) != EZP_OK) {
+		pthread_mutex_destroy(&c.lock);
+		pthread_cond_destroy(&c.cond);
+		return -1;
+	}
+	pthread_mutex_lock(&c.lock);
+	while (!c.done)
+		pthread_cond_wait(&c.cond, &c.lock);
+	pthread_mutex_unlock(&c.lock);
+	pthread_mutex_destroy(&c.lock);
+	pthread_cond_destroy(&c.cond);
+	return 0;
+}
+
+static void srv_key_revoked(void *userdata, const char *key_id)
+{
+	ws_close_key(userdata, key_id);
+}
+
+static void srv_setup(struct srv *s)
+{
+	struct api *api = &s->api;
+
+	api->mhd_timer = api->core->timer_new(api->w, srv_on_timer, s);
+	api->mhd_watch = api->mhd_timer ? api->core->watch_add(api->w, s->epoll_fd, EZP_WATCH_READ,
+							       srv_on_ready, s)
+					: NULL;
+	if (!api->mhd_watch)
+		return;
+	if (api->auth && api->auth->subscribe) {
+		if (api->auth->subscribe(api->auth->auth, srv_key_revoked, api) != EZP_OK)
+			return;
+		s->subscribed = true;
+	}
+	s->setup_ok = true;
+	srv_run(s);
+}
+
+static void srv_teardown(struct srv *s)
+{
+	struct api *api = &s->api;
+
+	api->stopping = true;
+	if (api->mhd)
+		ws_close_all(api);
+	if (s->subscribed)
+		api->auth->unsubscribe(api->auth->auth, srv_key_revoked, api);
+	s->subscribed = false;
+	api->core->watch_free(api->mhd_watch);
+	api->mhd_watch = NULL;
+	api->core->timer_free(api->mhd_timer);
+	api->mhd_timer = NULL;
+	if (api->mhd)
+		MHD_stop_daemon(api->mhd); /* closes the listening socket too */
+	api->mhd = NULL;
+}
+
+/* ---- replies (any thread) ---- */
+
+static void srv_set(struct api_req *r, unsigned status, struct MHD_Response *resp)
+{
+	if (!resp) {
+		/* out of memory: a fixed answer */
+		static const char oom[] = "{\"error\":{\"code\":\"internal\",\"message\":\"out of memory\"}}";
+		resp = MHD_create_response_from_buffer(sizeof(oom) - 1, (void *)oom,
+						       MHD_RESPMEM_PERSISTENT);
+		status = MHD_HTTP_INTERNAL_SERVER_ERROR;
+		if (!resp)
+			return;
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+	}
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+	if (r->resp)
+		MHD_destroy_response(r->resp);
+	r->resp = resp;
+	r->status = status;
+}
+
+void api_reply_raw(struct api_req *r, unsigned status, const char *content_type, const void *data,
+		   size_t len)
+{
+	struct MHD_Response *resp =
+	    MHD_create_response_from_buffer(len, (void *)data, MHD_RESPMEM_MUST_COPY);
+
+	if (resp && content_type)
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+	srv_set(r, status, resp);
+}
+
+void api_reply_json(struct api_req *r, unsigned status, json_t *body)
+{
+	char *text = body ? json_dumps(body, JSON_INDENT(2) | JSON_PRESERVE_ORDER |
+						 JSON_ENCODE_ANY)
+			  : NULL;
+	struct MHD_Response *resp = NULL;
+	size_t n;
+
+	json_decref(body);
+	if (text) {
+		n = strlen(text);
+		char *t = realloc(text, n + 2);
+		if (t) {
+			text = t;
+			text[n++] = '\n';
+			text[n] = '\0';
+		}
+		resp = MHD_create_response_from_buffer(n, text, MHD_RESPMEM_MUST_FREE);
+		if (!resp)
+			free(text);
+		else
+			MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+						"application/json");
+	}
+	srv_set(r, status, resp);
+}
+
+void api_reply_old(struct api_req *r, unsigned status, json_t *data)
+{
+	api_reply_json(r, status, json_pack("{s:i, s:o}", "Status", (int)status, "Data",
+					    data ? data : json_null()));
+}
+
+void api_reply_empty(struct api_req *r)
+{
+	srv_set(r, MHD_HTTP_NO_CONTENT,
+		MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT));
+}
+
+static void srv_verror(struct api_req *r, unsigned status, const char *code, const char *field,
+		       json_t *extra, const char *fmt, va_list ap)
+{
+	char msg[768];
+	json_t *e;
+
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	if (r->version == 1 || r->version == 2) {
+		json_decref(extra);
+		api_reply_old(r, status, json_string(msg));
+		return;
+	}
+	e = json_pack("{s:s, s:s}", "code", code, "message", msg);
+	if (e && field && field[0])
+		json_object_set_new(e, "field", json_string(field));
+	if (e && extra)
+		json_object_update(e, extra);
+	json_decref(extra);
+	api_reply_json(r, status, e ? json_pack("{s:o}", "error", e) : NULL);
+}
+
+void api_error(struct api_req *r, unsigned status, const char *code, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	srv_verror(r, status, code, NULL, NULL, fmt, ap);
+	va_end(ap);
+}
+
+void api_error_field(struct api_req *r, unsigned status, const char *code, const char *field,
+		     const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	srv_verror(r, status, code, field, NULL, fmt, ap);
+	va_end(ap);
+}
+
+/* The config key an error message names: "unknown key 'Frm'" or "A.B.Listen: ...". */
+static void srv_err_field(const char *msg, char *out, size_t len)
+{
+	const char *p = strstr(msg, "key '"), *end;
+	char key[64];
+	size_t n, j = 0;
+
+	out[0] = '\0';
+	if (p) {
+		p += 5;
+		end = strchr(p, '\'');
+	} else {
+		end = strstr(msg, ": ");
+		if (!end || memchr(msg, ' ', (size_t)(end - msg)))
+			return;
+		p = end;
+		while (p > msg && p[-1] != '.')
+			p--;
+	}
+	if (!end || end <= p || (size_t)(end - p) >= sizeof(key))
+		return;
+	n = (size_t)(end - p);
+	memcpy(key, p, n);
+	key[n] = '\0';
+	/* PascalCase -> snake_case, as the JSON bodies spell it */
+	for (size_t i = 0; i < n && j + 2 < len; i++) {
+		char c = key[i];
+		if (c >= 'A' && c <= 'Z') {
+			if (i)
+				out[j++] = '_';
+			c = (char)(c - 'A' + 'a');
+		}
+		if (c == '[')
+			break;
+		out[j++] = c;
+	}
+	out[j] = '\0';
+}
+
+static void srv_error_extra(struct api_req *r, unsigned status, const char *code, const char *field,
+			    json_t *extra, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	srv_verror(r, status, code, field, extra, fmt, ap);
+	va_end(ap);
+}
+
+/* enum ezp_status -> HTTP status and error code (NULL: "<what>_not_found"). */
+static const struct {
+	int status;
+	unsigned http;
+	const char *code;
+} srv_codes[] = {
+    {EZP_ERR_NOT_FOUND, MHD_HTTP_NOT_FOUND, NULL},
+    {EZP_ERR_CLOSED, MHD_HTTP_NOT_FOUND, NULL},
+    {EZP_ERR_INVAL, MHD_HTTP_BAD_REQUEST, "bad_request"},
+    {EZP_ERR_CONFIG, MHD_HTTP_BAD_REQUEST, "config_invalid"},
+    {EZP_ERR_EXISTS, MHD_HTTP_CONFLICT, "conflict"},
+    {EZP_ERR_BUSY, MHD_HTTP_CONFLICT, "filter_busy"},
+    {EZP_ERR_PERM, MHD_HTTP_FORBIDDEN, "forbidden"},
+    {EZP_ERR_UNSUPPORTED, MHD_HTTP_BAD_REQUEST, "unsupported"},
+    {EZP_ERR_TIMEOUT, MHD_HTTP_GATEWAY_TIMEOUT, "timeout"},
+    {EZP_ERR_LIMIT, MHD_HTTP_TOO_MANY_REQUESTS, "limit"},
+    {EZP_ERR_IO, MHD_HTTP_BAD_GATEWAY, "io_error"},
+};
+
+void api_error_from(struct api_req *r, const struct ezp_error *err, const char *what)
+{
+	char code[64], field[64] = "";
+	const char *c = "internal", *file;
+	const char *msg = err && err->message[0] ? err->message : "failed";
+	unsigned status = MHD_HTTP_INTERNAL_SERVER_ERROR;
+	int ec = err ? err->code : EZP_ERR;
+	json_t *extra = NULL;
+
+	for (size_t i = 0; i < sizeof(srv_codes) / sizeof(srv_codes[0]); i++) {
+		if (srv_codes[i].status != ec)
+			continue;
+		status = srv_codes[i].http;
+		c = srv_codes[i].code;
+		if (!c) {
+			snprintf(code, sizeof(code), "%s_not_found", what && what[0] ? what : "resource");
+			c = code;
+		}
+	}
+	/* a limit on size (an inject larger than MaxInjectBytes) is 413, others 429 */
+	if (ec == EZP_ERR_LIMIT && (strstr(msg, "large") || strstr(msg, "bytes")))
+		status = MHD_HTTP_CONTENT_TOO_LARGE;
+	if (ec == EZP_ERR_INVAL || ec == EZP_ERR_CONFIG) {
+		srv_err_field(msg, field, sizeof(field));
+		if (err->line > 0) {
+			file = err->file[0] ? err->file : "<request>";
+			extra = json_pack("{s:s, s:i, s:i}", "file", file, "line", err->line, "column",
+					  err->column);
+			srv_error_extra(r, status, c, field, extra, "%s (at %s:%d:%d)", msg, file,
+					err->line, err->column);
+			return;
+		}
+	}
+	srv_error_extra(r, status, c, field, NULL, "%s", msg);
+}
+
+/* ---- requests (service loop) ---- */
+
+const char *api_query(struct api_req *r, const char *name)
+{
+	return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+const char *api_header(struct api_req *r, const char *name)
+{
+	return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
+}
+
+json_t *api_body_object(struct api_req *r)
+{
+	struct body_err e;
+	int not_object;
+	json_t *v = body_load_object(r->body, r->body_len, &e, &not_object);
+
+	if (!v)
+		api_error(r, MHD_HTTP_BAD_REQUEST, not_object ? "bad_request" : "bad_json", "%s",
+			  e.message);
+	return v;
+}
+
+static void srv_work_resume(void *arg)
+{
+	struct api_req *r = arg;
+	struct srv *s = srv_of(r->api);
+
+	MHD_resume_connection(r->conn);
+	pthread_mutex_lock(&s->lock);
+	s->n_blocking--;
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->lock);
+	srv_run(s);
+}
+
+static void *srv_work_main(void *arg)
+{
+	struct api_req *r = arg;
+	struct srv *s = srv_of(r->api);
+
+	r->work(r);
+	if (!r->resp)
+		api_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "the call made no answer");
+	r->work_done = true;
+	if (s->api.core->defer(s->api.w, srv_work_resume, r) != EZP_OK) {
+		s->api.core->log(EZP_LOG_WARN, SRV_SRC, "cannot resume a request: the service loop is gone");
+		pthread_mutex_lock(&s->lock);
+		s->n_blocking--;
+		pthread_cond_broadcast(&s->cond);
+		pthread_mutex_unlock(&s->lock);
+	}
+	return NULL;
+}
+
+void api_run_blocking(struct api_req *r, void (*work)(struct api_req *r))
+{
+	struct srv *s = srv_of(r->api);
+	pthread_attr_t attr;
+	pthread_t t;
+	int rc;
+
+	pthread_mutex_lock(&s->lock);
+	if (s->closing) {
+		pthread_mutex_unlock(&s->lock);
+		api_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "the API is stopping");
+		return;
+	}
+	s->n_blocking++;
+	pthread_mutex_unlock(&s->lock);
+	r->work = work;
+	r->work_done = false;
+	r->suspended = true;
+	MHD_suspend_connection(r->conn);
+	if (s->api.core->log_enabled(EZP_LOG_DEBUG))
+		s->api.core->log(EZP_LOG_DEBUG, SRV_SRC, "%s %s: waiting on a thread of its own",
+				 r->method, r->url);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	rc = pthread_create(&t, &attr, srv_work_main, r);
+	pthread_attr_destroy(&attr);
+	if (rc != 0) {
+		MHD_resume_connection(r->conn);
+		r->suspended = false;
+		pthread_mutex_lock(&s->lock);
+		s->n_blocking--;
+		pthread_cond_broadcast(&s->cond);
+		pthread_mutex_unlock(&s->lock);
+		api_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
+			  "cannot start a thread: %s", strerror(rc));
+	}
+}
+
+/* Does @url match @pattern? Fills r->params with the {x} parts. */
+static bool srv_match(const char *pattern, const char *url, struct api_req *r)
+{
+	const char *p = pattern, *u = url;
+	size_t n = 0;
+
+	while (*p && *u) {
+		if (*p == '{') {
+			const char *pe = strchr(p, '}'), *ue = strchr(u, '/');
+			size_t len = ue ? (size_t)(ue - u) : strlen(u);
+			if (!pe || len == 0 || n == API_MAX_PARAMS)
+				goto fail;
+			r->params[n] = strndup(u, len);
+			if (!r->params[n])
+				goto fail;
+			n++;
+			p = pe + 1;
+			u += len;
+			continue;
+		}
+		if (*p != *u)
+			goto fail;
+		p++;
+		u++;
+	}
+	if (*p || *u)
+		goto fail;
+	r->n_params = n;
+	return true;
+fail:
+	while (n > 0)
+		free(r->params[--n]);
+	return false;
+}
+
+static const struct api_route *const *srv_tables(void)
+{
+	static const struct api_route *const tables[] = {api_routes_v3, api_routes_old,
+							 api_routes_misc, NULL};
+	return tables;
+}
+
+/* Find the route; on a miss answer 404 or 405 (with Allow). */
+static const struct api_route *srv_route(struct api_req *r)
+{
+	char allow[128] = "";
+	const char *known = NULL;
+
+	for (const struct api_route *const *t = srv_tables(); *t; t++) {
+		for (const struct api_route *rt = *t; rt->method; rt++) {
+			if (!srv_match(rt->pattern, r->url, r))
+				continue;
+			if (!strcmp(rt->method, r->method)) {
+				r->route = rt->pattern;
+				r->version = rt->version;
+				return rt;
+			}
+			while (r->n_params > 0)
+				free(r->params[--r->n_params]);
+			known = rt->pattern;
+			r->version = rt->version;
+			if (!strstr(allow, rt->method)) {
+				size_t n = strlen(allow);
+				snprintf(allow + n, sizeof(allow) - n, "%s%s", n ? ", " : "",
+					 rt->method);
+			}
+		}
+	}
+	if (!known) {
+		r->version = strncmp(r->url, "/api/1/", 7) && strncmp(r->url, "/api/2/", 7) ? 3 : 1;
+		api_error(r, MHD_HTTP_NOT_FOUND, "route_not_found", "no route %s %s", r->method,
+			  r->url);
+		return NULL;
+	}
+	r->route = known;
+	api_error(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+		  "%s does not take %s (allowed: %s)", r->url, r->method, allow);
+	if (r->resp)
+		MHD_add_response_header(r->resp, MHD_HTTP_HEADER_ALLOW, allow);
+	return NULL;
+}
+
+/* The key the client sent (Bearer header, else ?key=), or NULL. */
+static const char *srv_key(struct api_req *r)
+{
+	const char *h = api_header(r, MHD_HTTP_HEADER_AUTHORIZATION);
+
+	if (h) {
+		while (*h == ' ')
+			h++;
+		if (!strncasecmp(h, "Bearer ", 7)) {
+			h += 7;
+			while (*h == ' ')
+				h++;
+			if (*h)
+				return h;
+		}
+	}
+	h = api_query(r, "key");
+	return h && *h ? h : NULL;
+}
+
+/* Authenticate and authorize; false after answering 401/403. */
+static bool srv_authorize(struct api_req *r, const struct api_route *rt)
+{
+	const struct ezp_auth *auth = r->api->auth;
+	const char *key = srv_key(r);
+	uint32_t missing;
+	char names[160] = "";
+
+	r->key_text = key;
+	if (!auth) {
+		r->perms = EZP_PERM_ALL;
+		return true;
+	}
+	if (!key) {
+		api_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized",
+			  "this API needs a key: send 'Authorization: Bearer KEY' (or ?key=KEY)");
+		return false;
+	}
+	if (auth->check(auth->auth, key, &r->perms, r->key_id) != EZP_OK) {
+		r->key_id[0] = '\0';
+		api_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized", "unknown key");
+		return false;
+	}
+	missing = rt->perms & ~r->perms;
+	if (!missing)
+		return true;
+	for (unsigned b = 0; b < sizeof(srv_perm_names) / sizeof(srv_perm_names[0]); b++) {
+		if (missing & (1u << b)) {
+			size_t n = strlen(names);
+			snprintf(names + n, sizeof(names) - n, "%s%s", n ? ", " : "",
+				 srv_perm_names[b]);
+		}
+	}
+	api_error(r, MHD_HTTP_FORBIDDEN, "forbidden", "this key lacks the permission%s %s",
+		  strchr(names, ',') ? "s" : "", names);
+	return false;
+}
+
+static enum MHD_Result srv_send(struct srv_req *q)
+{
+	struct api_req *r = &q->r;
+	enum MHD_Result rc;
+
+	if (!r->resp)
+		api_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "no answer was made");
+	if (!r->resp)
+		return MHD_NO;
+	q->answered = true;
+	rc = MHD_queue_response(r->conn, r->status, r->resp);
+	api_metrics_count(r->api, r->route ? r->route : "-", r->method, r->status);
+	if (r->api->core->log_enabled(EZP_LOG_DEBUG))
+		r->api->core->log(EZP_LOG_DEBUG, SRV_SRC, "%s %s -> %u", r->method, r->url, r->status);
+	MHD_destroy_response(r->resp);
+	r->resp = NULL;
+	return rc;
+}
+
+/* First call for a request: route, key, declared size. true when answered already. */
+static bool srv_begin(struct srv_req *q)
+{
+	struct api_req *r = &q->r;
+	const char *cl;
+
+	if (r->api->stopping) {
+		api_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "the API is stopping");
+		return true;
+	}
+	q->rt = srv_route(r);
+	if (!q->rt || !srv_authorize(r, q->rt))
+		return true;
+	cl = api_header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
+	if (cl && strtoull(cl, NULL, 10) > API_MAX_BODY) {
+		api_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
+			  "the body is larger than %u bytes", API_MAX_BODY);
+		return true;
+	}
+	return false;
+}
+
+static void srv_append(struct srv_req *q, const char *data, size_t n)
+{
+	struct api_req *r = &q->r;
+
+	if (r->too_large)
+		return;
+	if (n > API_MAX_BODY - r->body_len) {
+		r->too_large = true;
+		free(r->body);
+		r->body = NULL;
+		r->body_len = 0;
+		return;
+	}
+	if (r->body_len + n + 1 > q->body_cap) {
+		size_t cap = q->body_cap ? q->body_cap : 1024;
+		char *b;
+		while (cap < r->body_len + n + 1)
+			cap *= 2;
+		b = realloc(r->body, cap);
+		if (!b) {
+			r->too_large = true;
+			return;
+		}
+		r->body = b;
+		q->body_cap = cap;
+	}
+	memcpy(r->body + r->body_len, data, n);
+	r->body_len += n;
+	r->body[r->body_len] = '\0';
+}
+
+static enum MHD_Result srv_access(void *cls, struct MHD_Connection *conn, const char *url,
+				  const char *method, const char *version, const char *upload,
+				  size_t *upload_size, void **con_cls)
+{
+	struct srv *s = cls;
+	struct srv_req *q = *con_cls;
+	struct api_req *r;
+
+	(void)version;
+	if (!q) {
+		q = calloc(1, sizeof(*q));
+		if (!q)
+			return MHD_NO;
+		*con_cls = q;
+		r = &q->r;
+		r->api = &s->api;
+		r->conn = conn;
+		r->method = method;
+		r->url = url;
+		r->route = "-";
+		r->version = 3;
+		if (srv_begin(q))
+			return srv_send(q);
+		return MHD_YES;
+	}
+	r = &q->r;
+	if (*upload_size) {
+		if (!q->answered)
+			srv_append(q, upload, *upload_size);
+		*upload_size = 0;
+		return MHD_YES;
+	}
+	if (q->answered)
+		return MHD_YES;
+	if (r->suspended) {
+		/* resumed after api_run_blocking: its answer is ready */
+		r->suspended = false;
+		return srv_send(q);
+	}
+	if (r->too_large) {
+		api_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
+			  "the body is larger than %u bytes", API_MAX_BODY);
+		return srv_send(q);
+	}
+	q->rt->fn(r);
+	if (r->suspended)
+		return MHD_YES;
+	return srv_send(q);
+}
+
+static void srv_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+			  enum MHD_RequestTerminationCode toe)
+{
+	struct srv_req *q = *con_cls;
+
+	(void)cls;
+	(void)conn;
+	(void)toe;
+	if (!q)
+		return;
+	for (size_t i = 0; i < q->r.n_params; i++)
+		free(q->r.params[i]);
+	if (q->r.resp)
+		MHD_destroy_response(q->r.resp);
+	free(q->r.body);
+	free(q);
+	*con_cls = NULL;
+}
+
+static void srv_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+	struct srv *s = cls;
+	char buf[512];
+	size_t n;
+
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	n = strlen(buf);
+	while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+		buf[--n] = '\0';
+	if (strstr(buf, "key=") || strcasestr(buf, "bearer"))
+		return; /* never let a key reach the log */
+	s->api.core->log(EZP_LOG_DEBUG, SRV_SRC, "libmicrohttpd: %s", buf);
+}
+
+/* ---- start / stop (control thread) ---- */
+
+static int srv_fail(struct ezp_error *err, int code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static int srv_fail(struct ezp_error *err, int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err) {
+		memset(err, 0, sizeof(*err));
+		err->code = code;
+		err->side = EZP_SIDE_CONFIG;
+		va_start(ap, fmt);
+		vsnprintf(err->message, sizeof(err->message), fmt, ap);
+		va_end(ap);
+	}
+	return code;
+}
+
+static bool srv_loopback(const struct ezp_addr *a)
+{
+	if (a->ss.ss_family == AF_INET) {
+		const struct sockaddr_in *in = (const struct sockaddr_in *)&a->ss;
+		return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+	}
+	if (a->ss.ss_family == AF_INET6) {
+		const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&a->ss;
+		const uint8_t *b = in6->sin6_addr.s6_addr;
+		return IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr) ||
+		       (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr) && b[12] == 127);
+	}
+	return false;
+}
+
+static char *srv_read_pem(const char *path, const char *what, struct ezp_error *err)
+{
+	FILE *f = fopen(path, "rb");
+	char *buf = NULL;
+	size_t n;
+
+	if (!f) {
+		srv_fail(err, EZP_ERR_CONFIG, "cannot read the TLS %s %s: %s (Api.Tls)", what, path,
+			 strerror(errno));
+		return NULL;
+	}
+	buf = malloc(SRV_PEM_MAX + 1);
+	n = buf ? fread(buf, 1, SRV_PEM_MAX + 1, f) : 0;
+	fclose(f);
+	if (!buf || n == 0 || n > SRV_PEM_MAX) {
+		free(buf);
+		srv_fail(err, EZP_ERR_CONFIG, "the TLS %s %s is empty or too large (Api.Tls)", what,
+			 path);
+		return NULL;
+	}
+	buf[n] = '\0';
+	return buf;
+}
+
+static int srv_listen(struct srv *s, struct ezp_error *err)
+{
+	struct api *api = &s->api;
+	struct ezp_addr a;
+	struct ezp_error perr = {0};
+	int fd, one = 1;
+
+	if (api->core->addr_parse(api->listen, &a, &perr) != EZP_OK)
+		return srv_fail(err, EZP_ERR_CONFIG, "Api.Listen '%s': %s", api->listen,
+				perr.message);
+	if (!api->auth && !srv_loopback(&a))
+		return srv_fail(err, EZP_ERR_CONFIG,
+				"Api.Auth is false but Api.Listen %s is not a loopback address: "
+				"turn Auth on or listen on 127.0.0.1",
+				api->listen);
+	fd = socket(a.ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return srv_fail(err, EZP_ERR_IO, "cannot listen on %s: %s", api->listen,
+				strerror(errno));
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&a.ss, a.len) < 0 || listen(fd, SRV_BACKLOG) < 0) {
+		int e = errno;
+		close(fd);
+		return srv_fail(err, EZP_ERR_IO, "cannot listen on %s: %s; pick another Api.Listen",
+				api->listen, strerror(e));
+	}
+	api->bound.len = sizeof(api->bound.ss);
+	if (getsockname(fd, (struct sockaddr *)&api->bound.ss, &api->bound.len) < 0) {
+		int e = errno;
+		close(fd);
+		return srv_fail(err, EZP_ERR_IO, "cannot listen on %s: %s", api->listen,
+				strerror(e));
+	}
+	return fd;
+}
+
+static void srv_free(struct srv *s)
+{
+	if (!s)
+		return;
+	api_metrics_free(&s->api);
+	free(s->api.listen);
+	free(s->api.origin);
+	free(s->api.web_root);
+	free(s->api.tls_cert_pem);
+	free(s->api.tls_key_pem);
+	pthread_mutex_destroy(&s->lock);
+	pthread_cond_destroy(&s->cond);
+	free(s);
+}
+
+static char *srv_strdup(const char *v)
+{
+	return v ? strdup(v) : NULL;
+}
+
+static int srv_start(const struct ezp_core *core, const void *config, void **state,
+		     struct ezp_error *err)
+{
+	const struct ezp_api_conf *conf = config;
+	const struct ezp_control *ctl;
+	const struct ezp_auth *auth;
+	const union MHD_DaemonInfo *info;
+	unsigned flags = MHD_USE_ERROR_LOG | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+			 MHD_ALLOW_UPGRADE;
+	struct srv *s = NULL;
+	char host[EZP_ADDR_STRLEN];
+	int fd = -1, rc;
+
+	if (!conf || conf->struct_size < offsetof(struct ezp_api_conf, web_root) ||
+	    !conf->listen)
+		return srv_fail(err, EZP_ERR_INVAL, "http-api: no Api configuration was given");
+	ctl = core->find_service(core->ctx, EZP_CONTROL_IFACE, EZP_CONTROL_VERSION);
+	if (!ctl)
+		return srv_fail(err, EZP_ERR_UNSUPPORTED,
+				"http-api: the core does not provide ezp.control");
+	auth = core->find_service(core->ctx, EZP_AUTH_IFACE, EZP_AUTH_VERSION);
+	if (conf->auth && !auth)
+		return srv_fail(err, EZP_ERR_CONFIG,
+				"Api.Auth is true but the auth plugin is not loaded: install auth.so "
+				"beside http-api.so (Plugins.Path) or set Api.Auth: false");
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return srv_fail(err, EZP_ERR_NOMEM, "http-api: out of memory");
+	pthread_mutex_init(&s->lock, NULL);
+	pthread_cond_init(&s->cond, NULL);
+	s->epoll_fd = -1;
+	s->api.core = core;
+	s->api.ctx = core->ctx;
+	s->api.ctl = ctl;
+	s->api.auth = conf->auth ? auth : NULL;
+	s->api.w = ctl->service_worker(core->ctx);
+	s->api.started_us = core->now_us();
+	s->api.listen = srv_strdup(conf->listen);
+	s->api.origin = srv_strdup(conf->origin);
+	s->api.web_root = srv_strdup(conf->web_root);
+	if (!s->api.listen || (conf->origin && !s->api.origin) ||
+	    (conf->web_root && !s->api.web_root)) {
+		rc = srv_fail(err, EZP_ERR_NOMEM, "http-api: out of memory");
+		goto fail;
+	}
+	if (!s->api.w) {
+		rc = srv_fail(err, EZP_ERR_UNSUPPORTED, "http-api: the core has no service loop");
+		goto fail;
+	}
+	if ((conf->tls_cert != NULL) != (conf->tls_key != NULL)) {
+		rc = srv_fail(err, EZP_ERR_CONFIG, "Api.Tls needs both Cert and Key");
+		goto fail;
+	}
+	if (conf->tls_cert) {
+		s->api.tls_cert_pem = srv_read_pem(conf->tls_cert, "certificate", err);
+		s->api.tls_key_pem =
+		    s->api.tls_cert_pem ? srv_read_pem(conf->tls_key, "key", err) : NULL;
+		if (!s->api.tls_key_pem) {
+			rc = err ? err->code : EZP_ERR_CONFIG;
+			goto fail;
+		}
+		s->api.tls = true;
+		flags |= MHD_USE_TLS;
+	}
+	if (api_metrics_new(&s->api) != EZP_OK) {
+		rc = srv_fail(err, EZP_ERR_NOMEM, "http-api: out of memory");
+		goto fail;
+	}
+	fd = srv_listen(s, err);
+	if (fd < 0) {
+		rc = fd;
+		goto fail;
+	}
+	if (s->api.bound.ss.ss_family == AF_INET6)
+		flags |= MHD_USE_IPv6;
+	if (s->api.tls)
+		s->api.mhd = MHD_start_daemon(
+		    flags, 0, NULL, NULL, srv_access, s, MHD_OPTION_EXTERNAL_LOGGER, srv_mhd_log,
+		    s, MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_NOTIFY_COMPLETED, srv_completed,
+		    s, MHD_OPTION_CONNECTION_TIMEOUT, SRV_CONN_TIMEOUT_S,
+		    MHD_OPTION_CONNECTION_LIMIT, SRV_CONN_LIMIT, MHD_OPTION_HTTPS_MEM_KEY,
+		    s->api.tls_key_pem, MHD_OPTION_HTTPS_MEM_CERT, s->api.tls_cert_pem,
+		    MHD_OPTION_END);
+	else
+		s->api.mhd = MHD_start_daemon(
+		    flags, 0, NULL, NULL, srv_access, s, MHD_OPTION_EXTERNAL_LOGGER, srv_mhd_log,
+		    s, MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_NOTIFY_COMPLETED, srv_completed,
+		    s, MHD_OPTION_CONNECTION_TIMEOUT, SRV_CONN_TIMEOUT_S,
+		    MHD_OPTION_CONNECTION_LIMIT, SRV_CONN_LIMIT, MHD_OPTION_END);
+	if (!s->api.mhd) {
+		rc = srv_fail(err, EZP_ERR_IO, "http-api: libmicrohttpd cannot start on %s%s",
+			      s->api.listen, s->api.tls ? " (check the TLS certificate and key)" : "");
+		goto fail;
+	}
+	fd = -1; /* libmicrohttpd closes it */
+	info = MHD_get_daemon_info(s->api.mhd, MHD_DAEMON_INFO_EPOLL_FD);
+	s->epoll_fd = info ? info->epoll_fd : -1;
+	if (s->epoll_fd < 0) {
+		rc = srv_fail(err, EZP_ERR_IO, "http-api: libmicrohttpd has no epoll fd");
+		goto fail;
+	}
+	if (srv_on_loop(s, srv_setup) != 0 || !s->setup_ok) {
+		rc = srv_fail(err, EZP_ERR_IO, "http-api: cannot watch the API socket on the "
+					       "service loop");
+		goto fail;
+	}
+	core->log(EZP_LOG_INFO, SRV_SRC, "listening on %s://%s", s->api.tls ? "https" : "http",
+		  core->addr_format(&s->api.bound, host, sizeof(host)));
+	*state = s;
+	return EZP_OK;
+fail:
+	if (fd >= 0)
+		close(fd);
+	if (s->api.mhd && srv_on_loop(s, srv_teardown) != 0)
+		srv_teardown(s);
+	srv_free(s);
+	return rc;
+}
+
+static void srv_stop(void *state)
+{
+	struct srv *s = state;
+
+	if (!s)
+		return;
+	pthread_mutex_lock(&s->lock);
+	s->closing = true;
+	if (s->n_blocking)
+		s->api.core->log(EZP_LOG_INFO, SRV_SRC, "waiting for %u API call(s) to finish",
+			      s->n_blocking);
+	while (s->n_blocking)
+		pthread_cond_wait(&s->cond, &s->lock);
+	pthread_mutex_unlock(&s->lock);
+	if (srv_on_loop(s, srv_teardown) != 0)
+		srv_teardown(s); /* the loop is gone: nothing else runs now */
+	srv_free(s);
+}
+
+static int srv_init(const struct ezp_core *core, struct ezp_error *err)
+{
+	(void)err;
+	srv_core = core;
+	return EZP_OK;
+}
+
+static const struct ezp_service_kind srv_kind = {
+    .struct_size = sizeof(struct ezp_service_kind),
+    .name = "http-api",
+    .description = "HTTP API: v3 REST, the old v1/v2 API, WebSocket, /metrics",
+    .params = NULL,
+    .config_size = 0,
+    .start = srv_start,
+    .stop = srv_stop,
+};
+
+static const struct ezp_service_kind *const srv_services[] = {&srv_kind, NULL};
+
+EZP_PLUGIN_DEFINE(ezp_plugin, .name = "http-api", .version = "0.1.0",
+		  .description = "the HTTP API service (libmicrohttpd on the core's service loop)",
+		  .license = "MIT", .init = srv_init, .services = srv_services);

@@ -12,7 +12,8 @@ import ssl
 
 from harness import Daemon, DaemonError, Deadline
 
-API_RE = r'http-api: listening on (https?)://([\d.]+|\[[0-9a-fA-F:]+\]):(\d+)'
+# The core prints the source tag as "[http-api]"; "http-api:" is accepted too.
+API_RE = r'http-api(?::|\]) listening on (https?)://([\d.]+|\[[0-9a-fA-F:]+\]):(\d+)'
 
 
 def api_section(auth=True, listen='127.0.0.1:0', extra=''):

@@ -1896,6 +1896,23 @@ static void test_daemon_start_port_taken(void **state)
 	assert_int_equal(tcp_try_connect(pa), -ECONNREFUSED);
 }
 
+/* A daemon with no plugin folders scanned (the build's real auth and http-api stay out). */
+static struct ezp_daemon *bare_api_daemon(const char *yaml)
+{
+	const char *none[] = {NULL};
+	struct ezp_daemon_opts opts = test_opts(1, none);
+	struct ezp_error err = {0};
+	struct ezp_daemon *d = NULL;
+
+	if (ezp_daemon_new(yaml, "test_core", &opts, &d, &err) != EZP_OK)
+		fail_msg("ezp_daemon_new: %s", err.message);
+	if (T->d)
+		T->extra[T->n_extra++] = d;
+	else
+		T->d = d;
+	return d;
+}
+
 static void test_daemon_api_services(void **state)
 {
 	struct ezp_error err = {0};
@@ -1912,13 +1929,12 @@ static void test_daemon_api_services(void **state)
 	snprintf(yaml, sizeof(yaml), "StateDir: %s\nApi: {Listen: 127.0.0.1:0}\nPipelines: []\n",
 		 sub);
 	/* Api configured, but no plugin provides the services: the start fails and says so */
-	d = daemon_make(1, 0, "Pipelines: []\n");
-	assert_int_equal(ezp_daemon_reload(d, yaml, NULL, &err), EZP_OK);
+	d = bare_api_daemon(yaml);
 	assert_int_not_equal(ezp_daemon_start(d, &err), EZP_OK);
 	if (!strstr(err.message, "no loaded plugin provides the 'auth' service"))
 		fail_msg("start without the auth service: '%s'", err.message);
 	/* with the services there: auth then http-api start, in a created 0700 StateDir */
-	d = daemon_make(1, 0, "Pipelines: []\n");
+	d = bare_api_daemon("Pipelines: []\n");
 	assert_int_equal(ezp__registry_add_builtin((struct ezp_core_ctx *)d, &api_plugin, &err),
 			 EZP_OK);
 	assert_int_equal(ezp_daemon_reload(d, yaml, NULL, &err), EZP_OK);
