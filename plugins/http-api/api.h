@@ -80,10 +80,16 @@ typedef void (*api_handler)(struct api_req *r);
 struct api_route {
 	const char *method;              /* NULL ends a table */
 	const char *pattern;             /* "/api/3/sessions/{id}": {x} matches one path part */
-	uint32_t perms;                  /* every bit needed (0: any known key) */
+	uint32_t perms;                  /* every bit needed (0: any known key; see API_PERM_PUBLIC) */
 	int version;                     /* error envelope: 3, or 1/2 for the old API */
 	api_handler fn;
 };
+
+/*
+ * A route that needs no key at all (the web page): API_PERM_PUBLIC in perms,
+ * or perms 0 on a path outside /api/.
+ */
+#define API_PERM_PUBLIC (1u << 31)
 
 extern const struct api_route api_routes_v3[];
 extern const struct api_route api_routes_old[];

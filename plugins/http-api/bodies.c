@@ -65,7 +65,8 @@ static int only_fields(json_t *o, const char *const *allowed, struct body_err *e
 	const char *k;
 	json_t *v;
 
-	json_object_foreach(o, k, v) {
+	json_object_foreach(o, k, v)
+	{
 		size_t i;
 		char list[200] = "";
 
@@ -275,7 +276,8 @@ int64_t api_perms_parse(json_t *v, char *bad, size_t bad_len)
 			snprintf(bad, bad_len, "not a number or a list of names");
 		return -1;
 	}
-	json_array_foreach(v, i, item) {
+	json_array_foreach(v, i, item)
+	{
 		size_t b;
 		const char *s = json_string_value(item);
 
@@ -336,9 +338,9 @@ json_t *api_session_json(const struct ezp_session_summary *s)
 	if (n > 8)
 		n = 8;
 	for (unsigned i = 0; i < n; i++)
-		json_array_append_new(clients, api_addr_json(i == 0 && s->clients[0].len == 0
-								  ? &s->client
-								  : &s->clients[i]));
+		json_array_append_new(
+		    clients,
+		    api_addr_json(i == 0 && s->clients[0].len == 0 ? &s->client : &s->clients[i]));
 	json_object_set_new(o, "id", u64(s->id));
 	json_object_set_new(o, "pipeline", json_string(s->pipeline));
 	json_object_set_new(o, "transport", json_string(s->transport));
@@ -364,11 +366,12 @@ json_t *body_status_json(const struct ezp_status_info *st)
 	uint64_t up = st->now_us > st->started_us ? st->now_us - st->started_us : 0;
 
 	return json_pack("{s:s, s:o, s:o, s:i, s:o, s:o, s:o, s:o, s:o, s:s}", "version",
-			 st->version ? st->version : "", "started_at", body_time_json(st->started_us),
-			 "uptime_ms", u64(up / 1000u), "workers", (int)st->workers, "pipelines",
-			 u64(st->pipelines), "sessions", u64(st->sessions), "total_sessions",
-			 u64(st->total_sessions), "bytes_to_server", u64(st->bytes[EZP_DIR_TO_SERVER]),
-			 "bytes_to_client", u64(st->bytes[EZP_DIR_TO_CLIENT]), "config_file",
+			 st->version ? st->version : "", "started_at",
+			 body_time_json(st->started_us), "uptime_ms", u64(up / 1000u), "workers",
+			 (int)st->workers, "pipelines", u64(st->pipelines), "sessions",
+			 u64(st->sessions), "total_sessions", u64(st->total_sessions),
+			 "bytes_to_server", u64(st->bytes[EZP_DIR_TO_SERVER]), "bytes_to_client",
+			 u64(st->bytes[EZP_DIR_TO_CLIENT]), "config_file",
 			 st->config_file ? st->config_file : "<builtin>");
 }
 
@@ -474,7 +477,8 @@ int body_client_parse(json_t *o, struct body_client *out, struct body_err *e)
 	if (t) {
 		if (!json_is_integer(t) || json_integer_value(t) < 1 ||
 		    json_integer_value(t) > (json_int_t)BODY_TIMEOUT_MAX_MS)
-			return fail(e, "timeout_ms", "timeout_ms: must be a whole number from 1 to %u",
+			return fail(e, "timeout_ms",
+				    "timeout_ms: must be a whole number from 1 to %u",
 				    BODY_TIMEOUT_MAX_MS);
 		timeout = (unsigned)json_integer_value(t);
 	}
@@ -488,7 +492,8 @@ int body_restart_parse(json_t *o, int *close_sessions, struct body_err *e)
 {
 	static const char *const fields[] = {"close_sessions", NULL};
 
-	return only_fields(o, fields, e) || get_bool(o, "close_sessions", close_sessions, e) ? -1 : 0;
+	return only_fields(o, fields, e) || get_bool(o, "close_sessions", close_sessions, e) ? -1
+											     : 0;
 }
 
 /* {"kind": {params} } with one member; @what names it in messages. */
@@ -501,12 +506,13 @@ static int check_endpoint(json_t *v, const char *field, const char *what, struct
 		return fail(e, field,
 			    "%s: must be an object with one member, the kind: {\"tcp\": {...}}",
 			    what);
-	json_object_foreach(v, kind, params) {
+	json_object_foreach(v, kind, params)
+	{
 		if (!kind[0] || strlen(kind) > 31)
 			return fail(e, field, "%s: the kind name must be 1 to 31 characters", what);
 		if (!json_is_object(params) && !json_is_null(params))
-			return fail(e, field, "%s: the parameters of '%.31s' must be an object", what,
-				    kind);
+			return fail(e, field, "%s: the parameters of '%.31s' must be an object",
+				    what, kind);
 	}
 	return 0;
 }
@@ -525,7 +531,8 @@ static int check_config_fields(json_t *o, struct body_err *e)
 		json_t *item;
 		if (!json_is_array(v))
 			return fail(e, "through", "through: must be a list of filters");
-		json_array_foreach(v, i, item) {
+		json_array_foreach(v, i, item)
+		{
 			char what[32];
 			snprintf(what, sizeof(what), "through[%zu]", i);
 			if (check_endpoint(item, "through", what, e))
@@ -541,8 +548,8 @@ static int check_config_fields(json_t *o, struct body_err *e)
 
 int body_pipeline_create_parse(json_t *o, const char **name, struct body_err *e)
 {
-	static const char *const fields[] = {"name",   "from",   "to",
-					     "through", "shared", "limits", NULL};
+	static const char *const fields[] = {"name",   "from",	 "to", "through",
+					     "shared", "limits", NULL};
 	const char *n;
 
 	if (only_fields(o, fields, e) || get_string(o, "name", true, BODY_NAME_MAX, &n, e))
@@ -551,9 +558,11 @@ int body_pipeline_create_parse(json_t *o, const char **name, struct body_err *e)
 		return fail(e, "name", "name: use 1 to %d letters, digits, '_', '.' or '-'",
 			    BODY_NAME_MAX);
 	if (!json_object_get(o, "from"))
-		return fail(e, "from", "from: required, e.g. {\"tcp\": {\"listen\": \"127.0.0.1:0\"}}");
+		return fail(e, "from",
+			    "from: required, e.g. {\"tcp\": {\"listen\": \"127.0.0.1:0\"}}");
 	if (!json_object_get(o, "to"))
-		return fail(e, "to", "to: required, e.g. {\"tcp\": {\"connect\": \"127.0.0.1:9\"}}");
+		return fail(e, "to",
+			    "to: required, e.g. {\"tcp\": {\"connect\": \"127.0.0.1:9\"}}");
 	if (check_config_fields(o, e))
 		return -1;
 	*name = n;
@@ -564,7 +573,7 @@ int body_pipeline_patch_parse(json_t *o, const char *name, struct body_patch *ou
 			      struct body_err *e)
 {
 	static const char *const fields[] = {
-	    "name",   "from", "to", "through", "shared", "limits", "apply_to_existing",
+	    "name",	      "from", "to", "through", "shared", "limits", "apply_to_existing",
 	    "close_sessions", NULL};
 	json_t *v;
 	int apply = 0, close_s = 0;

@@ -22,14 +22,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define BODY_NAME_MAX 63            /* pipeline names */
-#define BODY_KEY_NAME_MAX 64        /* key names */
+#define BODY_NAME_MAX 63     /* pipeline names */
+#define BODY_KEY_NAME_MAX 64 /* key names */
 #define BODY_ADDR_MAX 255
 #define BODY_TIMEOUT_DEFAULT_MS 10000u
 #define BODY_TIMEOUT_MAX_MS 600000u
 
 struct body_err {
-	char field[64];   /* "" when the body as a whole is wrong */
+	char field[64]; /* "" when the body as a whole is wrong */
 	char message[320];
 };
 
@@ -42,8 +42,8 @@ json_t *body_load_object(const char *buf, size_t len, struct body_err *e, int *n
 
 /* POST /api/3/sessions/{id}/inject, POST /api/3/pipelines/{name}/inject. */
 struct body_inject {
-	int dir;                 /* EZP_DIR_TO_SERVER, EZP_DIR_TO_CLIENT or EZP_DIR_BOTH */
-	unsigned char *data;     /* malloc'd: the caller frees it */
+	int dir;	     /* EZP_DIR_TO_SERVER, EZP_DIR_TO_CLIENT or EZP_DIR_BOTH */
+	unsigned char *data; /* malloc'd: the caller frees it */
 	size_t len;
 };
 int body_inject_parse(json_t *o, struct body_inject *out, struct body_err *e);
@@ -54,7 +54,7 @@ int body_server_parse(json_t *o, const char **address, struct body_err *e);
 /* PUT /api/3/sessions/{id}/client, POST .../clients: {address, mode?, timeout_ms?}. */
 struct body_client {
 	const char *address;
-	int dial;                /* mode "dial" (default) 1, "accept" 0 */
+	int dial; /* mode "dial" (default) 1, "accept" 0 */
 	unsigned timeout_ms;
 };
 int body_client_parse(json_t *o, struct body_client *out, struct body_err *e);
@@ -73,8 +73,8 @@ int body_pipeline_create_parse(json_t *o, const char **name, struct body_err *e)
  * plus apply_to_existing and close_sessions; name only if it is @name.
  */
 struct body_patch {
-	bool has_config;         /* any of from, through, shared, limits (and name) */
-	json_t *to;              /* borrowed, or NULL */
+	bool has_config; /* any of from, through, shared, limits (and name) */
+	json_t *to;	 /* borrowed, or NULL */
 	int apply_to_existing;
 	int close_sessions;
 };

@@ -80,20 +80,19 @@ static void v3_plugins(struct api_req *r)
 			break;
 		d = pi.desc;
 		json_array_append_new(
-		    list,
-		    json_pack("{s:s, s:s, s:s, s:s, s:s, s:o, s:o, s:o}", "name",
-			      d->name ? d->name : "", "version", d->version ? d->version : "",
-			      "description", d->description ? d->description : "", "license",
-			      d->license ? d->license : "", "path", pi.path ? pi.path : "",
-			      "transports",
-			      v3_kind_names((const void *const *)d->transports,
-					    offsetof(struct ezp_transport_kind, name)),
-			      "filters",
-			      v3_kind_names((const void *const *)d->filters,
-					    offsetof(struct ezp_filter_kind, name)),
-			      "services",
-			      v3_kind_names((const void *const *)d->services,
-					    offsetof(struct ezp_service_kind, name))));
+		    list, json_pack("{s:s, s:s, s:s, s:s, s:s, s:o, s:o, s:o}", "name",
+				    d->name ? d->name : "", "version", d->version ? d->version : "",
+				    "description", d->description ? d->description : "", "license",
+				    d->license ? d->license : "", "path", pi.path ? pi.path : "",
+				    "transports",
+				    v3_kind_names((const void *const *)d->transports,
+						  offsetof(struct ezp_transport_kind, name)),
+				    "filters",
+				    v3_kind_names((const void *const *)d->filters,
+						  offsetof(struct ezp_filter_kind, name)),
+				    "services",
+				    v3_kind_names((const void *const *)d->services,
+						  offsetof(struct ezp_service_kind, name))));
 	}
 	api_reply_json(r, MHD_HTTP_OK, json_pack("{s:o}", "plugins", list));
 }
@@ -186,9 +185,9 @@ static void v3_pipeline_create(struct api_req *r)
 	if (body_pipeline_create_parse(o, &name, &e)) {
 		v3_bad(r, &e);
 	} else if (CTL(r)->pipeline_stats(CTX(r), name, &p) == EZP_OK) {
-		api_error_field(r, MHD_HTTP_CONFLICT, "conflict", "name",
-				"a pipeline named '%s' exists already (PATCH it, or DELETE it first)",
-				name);
+		api_error_field(
+		    r, MHD_HTTP_CONFLICT, "conflict", "name",
+		    "a pipeline named '%s' exists already (PATCH it, or DELETE it first)", name);
 	} else if (v3_put(r, name, o, 0)) {
 		v3_pipeline_answer(r, name, MHD_HTTP_CREATED);
 	}
@@ -202,7 +201,8 @@ static char *v3_endpoint_yaml(json_t *ep)
 	json_t *params, *k;
 	char *ky = NULL, *py = NULL, *out = NULL;
 
-	json_object_foreach(ep, kind, params) {
+	json_object_foreach(ep, kind, params)
+	{
 		k = json_string(kind);
 		ky = k ? api_json_to_yaml(k) : NULL;
 		json_decref(k);
@@ -317,13 +317,13 @@ static void v3_pipeline_inject(struct api_req *r)
 	if (body_inject_parse(o, &in, &e)) {
 		v3_bad(r, &e);
 	} else {
-		if (CTL(r)->pipeline_inject(CTX(r), v3_name(r), in.dir, in.data, in.len, &n, &err) !=
-		    EZP_OK)
+		if (CTL(r)->pipeline_inject(CTX(r), v3_name(r), in.dir, in.data, in.len, &n,
+					    &err) != EZP_OK)
 			api_error_from(r, &err, "pipeline");
 		else
 			api_reply_json(r, MHD_HTTP_OK,
-				       json_pack("{s:I, s:I}", "sessions", (json_int_t)n,
-						 "bytes", (json_int_t)in.len));
+				       json_pack("{s:I, s:I}", "sessions", (json_int_t)n, "bytes",
+						 (json_int_t)in.len));
 		free(in.data);
 	}
 	json_decref(o);
@@ -357,13 +357,25 @@ static void v3_sessions(struct api_req *r)
 	api_reply_json(r, MHD_HTTP_OK, json_pack("{s:o}", "sessions", list));
 }
 
+/* A failed call on session @id: 404 says which id; other errors as mapped. Thread: any. */
+static void v3_session_error(struct api_req *r, const struct ezp_error *err, uint64_t id)
+{
+	if (err->code == EZP_ERR_NOT_FOUND || err->code == EZP_ERR_CLOSED)
+		api_error(r, MHD_HTTP_NOT_FOUND, "session_not_found",
+			  "no session %llu (it has ended, or never existed)",
+			  (unsigned long long)id);
+	else
+		api_error_from(r, err, "session");
+}
+
 /* Answer with session @id (@status), or 404. Thread: any. */
 static void v3_session_answer(struct api_req *r, uint64_t id, unsigned status)
 {
 	struct ezp_session_summary s = {.struct_size = sizeof(s)};
 
 	if (CTL(r)->session_get(CTX(r), id, &s) != EZP_OK)
-		api_error(r, MHD_HTTP_NOT_FOUND, "session_not_found", "no session %llu",
+		api_error(r, MHD_HTTP_NOT_FOUND, "session_not_found",
+			  "no session %llu (it has ended, or never existed)",
 			  (unsigned long long)id);
 	else
 		api_reply_json(r, status, api_session_json(&s));
@@ -385,7 +397,7 @@ static void v3_session_close(struct api_req *r)
 	if (!v3_id(r, &id))
 		return;
 	if (CTL(r)->session_close(CTX(r), id, &err) != EZP_OK)
-		api_error_from(r, &err, "session");
+		v3_session_error(r, &err, id);
 	else
 		api_reply_empty(r);
 }
@@ -404,7 +416,7 @@ static void v3_session_inject(struct api_req *r)
 		v3_bad(r, &e);
 	} else {
 		if (CTL(r)->session_inject(CTX(r), id, in.dir, in.data, in.len, &err) != EZP_OK)
-			api_error_from(r, &err, "session");
+			v3_session_error(r, &err, id);
 		else
 			api_reply_json(r, MHD_HTTP_OK,
 				       json_pack("{s:I, s:s}", "injected", (json_int_t)in.len,
@@ -435,7 +447,7 @@ static void v3_swap_work(struct api_req *r)
 		rc = CTL(r)->session_swap_client(CTX(r), w->id, w->address, w->dial, w->add,
 						 w->timeout_ms, &err);
 	if (rc != EZP_OK)
-		api_error_from(r, &err, "session");
+		v3_session_error(r, &err, w->id);
 	else
 		v3_session_answer(r, w->id, MHD_HTTP_OK);
 	free(w);
@@ -509,19 +521,20 @@ static void v3_config_get(struct api_req *r)
 	cfg = api_yaml_to_json(yaml);
 	api_reply_json(r, MHD_HTTP_OK,
 		       json_pack("{s:o, s:s, s:o}", "file",
-				 v3_str_or_null(CTL(r)->config_file(CTX(r))), "yaml", yaml, "config",
-				 cfg ? cfg : json_null()));
+				 v3_str_or_null(CTL(r)->config_file(CTX(r))), "yaml", yaml,
+				 "config", cfg ? cfg : json_null()));
 	free(yaml);
 }
 
 static bool v3_is_yaml_type(const char *ct)
 {
 	static const char *const types[] = {"application/yaml", "application/x-yaml", "text/yaml",
-					    "text/x-yaml", "text/plain", NULL};
+					    "text/x-yaml",	"text/plain",	      NULL};
 
 	for (size_t i = 0; ct && types[i]; i++) {
 		size_t n = strlen(types[i]);
-		if (!strncasecmp(ct, types[i], n) && (ct[n] == '\0' || ct[n] == ';' || ct[n] == ' '))
+		if (!strncasecmp(ct, types[i], n) &&
+		    (ct[n] == '\0' || ct[n] == ';' || ct[n] == ' '))
 			return true;
 	}
 	return false;
@@ -650,8 +663,8 @@ static void v3_key_self(struct api_req *r)
 	if (!a) {
 		api_reply_json(r, MHD_HTTP_OK,
 			       json_pack("{s:n, s:s, s:i, s:o, s:b}", "id", "name", "", "perms",
-					 (int)r->perms, "perm_names", api_perms_json(r->perms), "auth",
-					 0));
+					 (int)r->perms, "perm_names", api_perms_json(r->perms),
+					 "auth", 0));
 		return;
 	}
 	if (a->get(a->auth, r->key_id, &info) != EZP_OK) {

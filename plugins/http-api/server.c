@@ -46,8 +46,8 @@ struct srv {
 	struct api api;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	unsigned n_blocking;   /* connections suspended for api_run_blocking (lock) */
-	bool closing;          /* stop() has begun (lock) */
+	unsigned n_blocking; /* connections suspended for api_run_blocking (lock) */
+	bool closing;	     /* stop() has begun (lock) */
 	int epoll_fd;
 	bool setup_ok, subscribed;
 };
@@ -187,7 +187,8 @@ static void srv_set(struct api_req *r, unsigned status, struct MHD_Response *res
 {
 	if (!resp) {
 		/* out of memory: a fixed answer */
-		static const char oom[] = "{\"error\":{\"code\":\"internal\",\"message\":\"out of memory\"}}";
+		static const char oom[] =
+		    "{\"error\":{\"code\":\"internal\",\"message\":\"out of memory\"}}";
 		resp = MHD_create_response_from_buffer(sizeof(oom) - 1, (void *)oom,
 						       MHD_RESPMEM_PERSISTENT);
 		status = MHD_HTTP_INTERNAL_SERVER_ERROR;
@@ -215,9 +216,8 @@ void api_reply_raw(struct api_req *r, unsigned status, const char *content_type,
 
 void api_reply_json(struct api_req *r, unsigned status, json_t *body)
 {
-	char *text = body ? json_dumps(body, JSON_INDENT(2) | JSON_PRESERVE_ORDER |
-						 JSON_ENCODE_ANY)
-			  : NULL;
+	char *text =
+	    body ? json_dumps(body, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY) : NULL;
 	struct MHD_Response *resp = NULL;
 	size_t n;
 
@@ -242,8 +242,9 @@ void api_reply_json(struct api_req *r, unsigned status, json_t *body)
 
 void api_reply_old(struct api_req *r, unsigned status, json_t *data)
 {
-	api_reply_json(r, status, json_pack("{s:i, s:o}", "Status", (int)status, "Data",
-					    data ? data : json_null()));
+	api_reply_json(
+	    r, status,
+	    json_pack("{s:i, s:o}", "Status", (int)status, "Data", data ? data : json_null()));
 }
 
 void api_reply_empty(struct api_req *r)
@@ -375,7 +376,8 @@ void api_error_from(struct api_req *r, const struct ezp_error *err, const char *
 		status = srv_codes[i].http;
 		c = srv_codes[i].code;
 		if (!c) {
-			snprintf(code, sizeof(code), "%s_not_found", what && what[0] ? what : "resource");
+			snprintf(code, sizeof(code), "%s_not_found",
+				 what && what[0] ? what : "resource");
 			c = code;
 		}
 	}
@@ -386,8 +388,8 @@ void api_error_from(struct api_req *r, const struct ezp_error *err, const char *
 		srv_err_field(msg, field, sizeof(field));
 		if (err->line > 0) {
 			file = err->file[0] ? err->file : "<request>";
-			extra = json_pack("{s:s, s:i, s:i}", "file", file, "line", err->line, "column",
-					  err->column);
+			extra = json_pack("{s:s, s:i, s:i}", "file", file, "line", err->line,
+					  "column", err->column);
 			srv_error_extra(r, status, c, field, extra, "%s (at %s:%d:%d)", msg, file,
 					err->line, err->column);
 			return;
@@ -443,7 +445,8 @@ static void *srv_work_main(void *arg)
 		api_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "the call made no answer");
 	r->work_done = true;
 	if (s->api.core->defer(s->api.w, srv_work_resume, r) != EZP_OK) {
-		s->api.core->log(EZP_LOG_WARN, SRV_SRC, "cannot resume a request: the service loop is gone");
+		s->api.core->log(EZP_LOG_WARN, SRV_SRC,
+				 "cannot resume a request: the service loop is gone");
 		pthread_mutex_lock(&s->lock);
 		s->n_blocking--;
 		pthread_cond_broadcast(&s->cond);
@@ -605,6 +608,14 @@ static bool srv_authorize(struct api_req *r, const struct api_route *rt)
 		r->perms = EZP_PERM_ALL;
 		return true;
 	}
+	if ((rt->perms & API_PERM_PUBLIC) || (rt->perms == 0 && strncmp(rt->pattern, "/api/", 5))) {
+		/* the web page: no key needed; a valid key still gives its bits */
+		if (!key || auth->check(auth->auth, key, &r->perms, r->key_id) != EZP_OK) {
+			r->perms = 0;
+			r->key_id[0] = '\0';
+		}
+		return true;
+	}
 	if (!key) {
 		api_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized",
 			  "this API needs a key: send 'Authorization: Bearer KEY' (or ?key=KEY)");
@@ -615,7 +626,7 @@ static bool srv_authorize(struct api_req *r, const struct api_route *rt)
 		api_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized", "unknown key");
 		return false;
 	}
-	missing = rt->perms & ~r->perms;
+	missing = rt->perms & ~r->perms & EZP_PERM_ALL;
 	if (!missing)
 		return true;
 	for (unsigned b = 0; b < sizeof(srv_perm_names) / sizeof(srv_perm_names[0]); b++) {
@@ -643,7 +654,8 @@ static enum MHD_Result srv_send(struct srv_req *q)
 	rc = MHD_queue_response(r->conn, r->status, r->resp);
 	api_metrics_count(r->api, r->route ? r->route : "-", r->method, r->status);
 	if (r->api->core->log_enabled(EZP_LOG_DEBUG))
-		r->api->core->log(EZP_LOG_DEBUG, SRV_SRC, "%s %s -> %u", r->method, r->url, r->status);
+		r->api->core->log(EZP_LOG_DEBUG, SRV_SRC, "%s %s -> %u", r->method, r->url,
+				  r->status);
 	MHD_destroy_response(r->resp);
 	r->resp = NULL;
 	return rc;
@@ -789,7 +801,7 @@ static void srv_mhd_log(void *cls, const char *fmt, va_list ap)
 /* ---- start / stop (control thread) ---- */
 
 static int srv_fail(struct ezp_error *err, int code, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 static int srv_fail(struct ezp_error *err, int code, const char *fmt, ...)
 {
 	va_list ap;
@@ -907,14 +919,13 @@ static int srv_start(const struct ezp_core *core, const void *config, void **sta
 	const struct ezp_control *ctl;
 	const struct ezp_auth *auth;
 	const union MHD_DaemonInfo *info;
-	unsigned flags = MHD_USE_ERROR_LOG | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
-			 MHD_ALLOW_UPGRADE;
+	unsigned flags =
+	    MHD_USE_ERROR_LOG | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_ALLOW_UPGRADE;
 	struct srv *s = NULL;
 	char host[EZP_ADDR_STRLEN];
 	int fd = -1, rc;
 
-	if (!conf || conf->struct_size < offsetof(struct ezp_api_conf, web_root) ||
-	    !conf->listen)
+	if (!conf || conf->struct_size < offsetof(struct ezp_api_conf, web_root) || !conf->listen)
 		return srv_fail(err, EZP_ERR_INVAL, "http-api: no Api configuration was given");
 	ctl = core->find_service(core->ctx, EZP_CONTROL_IFACE, EZP_CONTROL_VERSION);
 	if (!ctl)
@@ -922,9 +933,10 @@ static int srv_start(const struct ezp_core *core, const void *config, void **sta
 				"http-api: the core does not provide ezp.control");
 	auth = core->find_service(core->ctx, EZP_AUTH_IFACE, EZP_AUTH_VERSION);
 	if (conf->auth && !auth)
-		return srv_fail(err, EZP_ERR_CONFIG,
-				"Api.Auth is true but the auth plugin is not loaded: install auth.so "
-				"beside http-api.so (Plugins.Path) or set Api.Auth: false");
+		return srv_fail(
+		    err, EZP_ERR_CONFIG,
+		    "Api.Auth is true but the auth plugin is not loaded: install auth.so "
+		    "beside http-api.so (Plugins.Path) or set Api.Auth: false");
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return srv_fail(err, EZP_ERR_NOMEM, "http-api: out of memory");
@@ -977,21 +989,21 @@ static int srv_start(const struct ezp_core *core, const void *config, void **sta
 		flags |= MHD_USE_IPv6;
 	if (s->api.tls)
 		s->api.mhd = MHD_start_daemon(
-		    flags, 0, NULL, NULL, srv_access, s, MHD_OPTION_EXTERNAL_LOGGER, srv_mhd_log,
-		    s, MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_NOTIFY_COMPLETED, srv_completed,
-		    s, MHD_OPTION_CONNECTION_TIMEOUT, SRV_CONN_TIMEOUT_S,
-		    MHD_OPTION_CONNECTION_LIMIT, SRV_CONN_LIMIT, MHD_OPTION_HTTPS_MEM_KEY,
-		    s->api.tls_key_pem, MHD_OPTION_HTTPS_MEM_CERT, s->api.tls_cert_pem,
-		    MHD_OPTION_END);
+		    flags, 0, NULL, NULL, srv_access, s, MHD_OPTION_EXTERNAL_LOGGER, srv_mhd_log, s,
+		    MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_NOTIFY_COMPLETED, srv_completed, s,
+		    MHD_OPTION_CONNECTION_TIMEOUT, SRV_CONN_TIMEOUT_S, MHD_OPTION_CONNECTION_LIMIT,
+		    SRV_CONN_LIMIT, MHD_OPTION_HTTPS_MEM_KEY, s->api.tls_key_pem,
+		    MHD_OPTION_HTTPS_MEM_CERT, s->api.tls_cert_pem, MHD_OPTION_END);
 	else
 		s->api.mhd = MHD_start_daemon(
-		    flags, 0, NULL, NULL, srv_access, s, MHD_OPTION_EXTERNAL_LOGGER, srv_mhd_log,
-		    s, MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_NOTIFY_COMPLETED, srv_completed,
-		    s, MHD_OPTION_CONNECTION_TIMEOUT, SRV_CONN_TIMEOUT_S,
-		    MHD_OPTION_CONNECTION_LIMIT, SRV_CONN_LIMIT, MHD_OPTION_END);
+		    flags, 0, NULL, NULL, srv_access, s, MHD_OPTION_EXTERNAL_LOGGER, srv_mhd_log, s,
+		    MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_NOTIFY_COMPLETED, srv_completed, s,
+		    MHD_OPTION_CONNECTION_TIMEOUT, SRV_CONN_TIMEOUT_S, MHD_OPTION_CONNECTION_LIMIT,
+		    SRV_CONN_LIMIT, MHD_OPTION_END);
 	if (!s->api.mhd) {
 		rc = srv_fail(err, EZP_ERR_IO, "http-api: libmicrohttpd cannot start on %s%s",
-			      s->api.listen, s->api.tls ? " (check the TLS certificate and key)" : "");
+			      s->api.listen,
+			      s->api.tls ? " (check the TLS certificate and key)" : "");
 		goto fail;
 	}
 	fd = -1; /* libmicrohttpd closes it */
@@ -1002,8 +1014,9 @@ static int srv_start(const struct ezp_core *core, const void *config, void **sta
 		goto fail;
 	}
 	if (srv_on_loop(s, srv_setup) != 0 || !s->setup_ok) {
-		rc = srv_fail(err, EZP_ERR_IO, "http-api: cannot watch the API socket on the "
-					       "service loop");
+		rc = srv_fail(err, EZP_ERR_IO,
+			      "http-api: cannot watch the API socket on the "
+			      "service loop");
 		goto fail;
 	}
 	core->log(EZP_LOG_INFO, SRV_SRC, "listening on %s://%s", s->api.tls ? "https" : "http",
@@ -1029,7 +1042,7 @@ static void srv_stop(void *state)
 	s->closing = true;
 	if (s->n_blocking)
 		s->api.core->log(EZP_LOG_INFO, SRV_SRC, "waiting for %u API call(s) to finish",
-			      s->n_blocking);
+				 s->n_blocking);
 	while (s->n_blocking)
 		pthread_cond_wait(&s->cond, &s->lock);
 	pthread_mutex_unlock(&s->lock);

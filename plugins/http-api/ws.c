@@ -24,9 +24,48 @@
 #include "ws.h"
 
 #define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-#define WS_UPGRADE_WAIT_MS 30000     /* a 101 sent but never taken over: give up */
+#define WS_UPGRADE_WAIT_MS 30000 /* a 101 sent but never taken over: give up */
 
 static uint64_t ws_next_id;
+
+/* A message made while the upgrade was pending. */
+struct ws_early {
+	struct ws_early *next;
+	size_t len;
+	char text[];
+};
+
+static void early_free(struct ws_conn *c)
+{
+	while (c->early) {
+		struct ws_early *e = c->early;
+		c->early = e->next;
+		free(e);
+	}
+	c->early_tail = &c->early;
+	c->early_n = c->early_bytes = 0;
+}
+
+static int early_add(struct ws_conn *c, const char *text, size_t len, enum ws_kind kind)
+{
+	struct ws_early *e;
+
+	if (kind == WS_EVENT && (c->early_n >= WS_EARLY_MSGS || c->early_bytes >= WS_EARLY_BYTES)) {
+		c->lag_dropped++;
+		return -1;
+	}
+	e = malloc(sizeof(*e) + len);
+	if (!e)
+		return -1;
+	e->next = NULL;
+	e->len = len;
+	memcpy(e->text, text, len);
+	*c->early_tail = e;
+	c->early_tail = &e->next;
+	c->early_n++;
+	c->early_bytes += len;
+	return 0;
+}
 
 void ws_ref(struct ws_conn *c)
 {
@@ -77,8 +116,12 @@ static void ws_destroy(struct ws_conn *c)
 		core->watch_free(c->watch);
 	if (c->wslay)
 		wslay_event_context_free(c->wslay);
-	if (c->urh)
+	if (c->urh) {
+		/* the peer sees the end now; MHD closes the fd on its next run */
+		(void)shutdown(c->fd, SHUT_RDWR);
 		MHD_upgrade_action(c->urh, MHD_UPGRADE_ACTION_CLOSE);
+	}
+	early_free(c);
 	free(c->extra);
 	c->timer = NULL;
 	c->watch = NULL;
@@ -137,8 +180,12 @@ static void ws_want_write(struct ws_conn *c)
 
 bool ws_congested(struct ws_conn *c)
 {
-	if (!c->wslay || c->state != WS_OPEN)
+	if (c->state == WS_PENDING && c->early_n < WS_EARLY_MSGS && c->early_bytes < WS_EARLY_BYTES)
+		return false;
+	if (!c->wslay || c->state != WS_OPEN) {
+		c->lag_dropped += c->state == WS_PENDING;
 		return true;
+	}
 	if (wslay_event_get_queued_msg_length(c->wslay) >= WS_SOFT_BYTES ||
 	    wslay_event_get_queued_msg_count(c->wslay) >= WS_SOFT_MSGS) {
 		c->lag_dropped++;
@@ -172,6 +219,8 @@ int ws_send_text(struct ws_conn *c, const char *text, size_t len, enum ws_kind k
 	struct wslay_event_msg m = {WSLAY_TEXT_FRAME, (const uint8_t *)text, len};
 	size_t queued;
 
+	if (c->state == WS_PENDING)
+		return early_add(c, text, len, kind);
 	if (!c->wslay || c->state != WS_OPEN)
 		return -1;
 	queued = wslay_event_get_queued_msg_length(c->wslay);
@@ -256,8 +305,8 @@ static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len,
 	return -1;
 }
 
-static ssize_t ws_send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size_t len,
-			  int flags, void *user)
+static ssize_t ws_send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size_t len, int flags,
+			  void *user)
 {
 	struct ws_conn *c = user;
 	ssize_t n;
@@ -385,9 +434,9 @@ static void ws_upgraded(void *cls, struct MHD_Connection *connection, void *req_
 			struct MHD_UpgradeResponseHandle *urh)
 {
 	static const struct wslay_event_callbacks cbs = {
-		.recv_callback = ws_recv_cb,
-		.send_callback = ws_send_cb,
-		.on_msg_recv_callback = ws_msg_cb,
+	    .recv_callback = ws_recv_cb,
+	    .send_callback = ws_send_cb,
+	    .on_msg_recv_callback = ws_msg_cb,
 	};
 	struct api *api = cls;
 	const struct ezp_core *core = api->core;
@@ -424,8 +473,14 @@ static void ws_upgraded(void *cls, struct MHD_Connection *connection, void *req_
 		goto fail;
 	c->state = WS_OPEN;
 	c->proto->open(c);
+	for (struct ws_early *e = c->early; e && c->state == WS_OPEN; e = e->next) {
+		struct wslay_event_msg m = {WSLAY_TEXT_FRAME, (const uint8_t *)e->text, e->len};
+		if (wslay_event_queue_msg(c->wslay, &m) != 0)
+			break;
+	}
+	early_free(c);
 	if (extra_in_size && c->state == WS_OPEN)
-		ws_io(sock, EZP_WATCH_READ, c);   /* frames that came with the request */
+		ws_io(sock, EZP_WATCH_READ, c); /* frames that came with the request */
 	else
 		ws_watch_update(c);
 	return;
@@ -438,7 +493,7 @@ fail:
 static void peer_text(struct api_req *r, char *buf, size_t len)
 {
 	const union MHD_ConnectionInfo *ci =
-		MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+	    MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
 	struct ezp_addr a = {0};
 
 	snprintf(buf, len, "?");
@@ -475,14 +530,15 @@ void ws_upgrade(struct api_req *r, int proto)
 		goto need_upgrade;
 	}
 	if (!key || !key_ok(key)) {
-		api_error(r, 400, "bad_request",
-			  "Sec-WebSocket-Key must be 16 bytes in base64");
+		api_error(r, 400, "bad_request", "Sec-WebSocket-Key must be 16 bytes in base64");
 		return;
 	}
 	if (!origin_ok(r)) {
-		api_error(r, 403, "origin_not_allowed",
-			  "Origin %.100s may not open this WebSocket (allowed: the page's own origin "
-			  "or Api.Origin)", api_header(r, "Origin"));
+		api_error(
+		    r, 403, "origin_not_allowed",
+		    "Origin %.100s may not open this WebSocket (allowed: the page's own origin "
+		    "or Api.Origin)",
+		    api_header(r, "Origin"));
 		return;
 	}
 	if (!(r->perms & EZP_PERM_USE_WEBSOCKET)) {
@@ -499,6 +555,7 @@ void ws_upgrade(struct api_req *r, int proto)
 		return;
 	}
 	atomic_init(&c->refs, 1);
+	c->early_tail = &c->early;
 	c->api = api;
 	c->id = ++ws_next_id;
 	c->version = proto;
@@ -517,7 +574,8 @@ void ws_upgrade(struct api_req *r, int proto)
 		goto fail; /* answered */
 	resp = MHD_create_response_for_upgrade(ws_upgraded, api);
 	accept_value(key, accept);
-	if (!resp || MHD_add_response_header(resp, MHD_HTTP_HEADER_UPGRADE, "websocket") != MHD_YES ||
+	if (!resp ||
+	    MHD_add_response_header(resp, MHD_HTTP_HEADER_UPGRADE, "websocket") != MHD_YES ||
 	    MHD_add_response_header(resp, "Sec-WebSocket-Accept", accept) != MHD_YES) {
 		api_error(r, 500, "internal", "cannot build the upgrade response");
 		goto fail;
@@ -539,6 +597,7 @@ fail:
 		c->proto->stop(c);
 	if (c->timer)
 		api->core->timer_free(c->timer);
+	early_free(c);
 	ws_unref(c);
 	return;
 need_upgrade:

@@ -21,7 +21,7 @@
 
 /* ---- client messages (ws_msg.c): no MHD or core dependency ---- */
 
-#define WS_MAX_MSG (1u << 20)        /* largest client message accepted */
+#define WS_MAX_MSG (1u << 20) /* largest client message accepted */
 
 enum ws3_type { WS3_VERDICT = 1, WS3_INJECT = 2, WS3_CLOSE = 3 };
 
@@ -34,21 +34,21 @@ enum { WS3_PASS = 0, WS3_DROP = 1, WS3_REPLACE = 2 };
 struct ws_msg_err {
 	char code[32];
 	char message[200];
-	json_t *ref;                 /* a reference the caller releases, or NULL */
+	json_t *ref; /* a reference the caller releases, or NULL */
 };
 
 /* A v3 client message. */
 struct ws3_msg {
-	int type;                    /* enum ws3_type */
-	uint64_t seq;                /* verdict */
-	int action;                  /* verdict: WS3_PASS / WS3_DROP / WS3_REPLACE */
-	unsigned char *data;         /* verdict replace, inject: malloc'd (may be len 0) */
+	int type;	     /* enum ws3_type */
+	uint64_t seq;	     /* verdict */
+	int action;	     /* verdict: WS3_PASS / WS3_DROP / WS3_REPLACE */
+	unsigned char *data; /* verdict replace, inject: malloc'd (may be len 0) */
 	size_t len;
-	bool all;                    /* inject, close: session "all" */
-	uint64_t session;            /* inject, close: the session id when !all */
-	char *pipeline;              /* inject, close: malloc'd or NULL */
-	int dir;                     /* inject: WS3_DIR_* */
-	json_t *ref;                 /* the message's "id", echoed as `ref` in errors */
+	bool all;	  /* inject, close: session "all" */
+	uint64_t session; /* inject, close: the session id when !all */
+	char *pipeline;	  /* inject, close: malloc'd or NULL */
+	int dir;	  /* inject: WS3_DIR_* */
+	json_t *ref;	  /* the message's "id", echoed as `ref` in errors */
 };
 
 /*
@@ -63,7 +63,7 @@ void ws3_msg_clear(struct ws3_msg *m);
 struct ws2_msg {
 	int64_t type;
 	int64_t target;
-	unsigned char *data;         /* malloc'd or NULL */
+	unsigned char *data; /* malloc'd or NULL */
 	size_t len;
 	uint64_t extra;
 };
@@ -82,15 +82,17 @@ unsigned char *ws_b64_decode(const char *s, size_t n, size_t *out_len);
 
 /* How a queued message may be treated when the client reads slowly. */
 enum ws_kind {
-	WS_REPLY = 0,     /* hello, errors, lagged: always queued (up to the hard cap) */
-	WS_EVENT = 1,     /* a tap event: dropped and counted past the soft limit */
-	WS_HELD = 2,      /* a packet waiting for a verdict: queued up to the hard cap */
+	WS_REPLY = 0, /* hello, errors, lagged: always queued (up to the hard cap) */
+	WS_EVENT = 1, /* a tap event: dropped and counted past the soft limit */
+	WS_HELD = 2,  /* a packet waiting for a verdict: queued up to the hard cap */
 };
 
-#define WS_SOFT_BYTES (8u << 20)     /* past this, WS_EVENT messages are dropped */
+#define WS_SOFT_BYTES (8u << 20) /* past this, WS_EVENT messages are dropped */
 #define WS_SOFT_MSGS 20000u
-#define WS_HARD_BYTES (32u << 20)    /* past this the socket is closed (1008) */
-#define WS_CLOSE_WAIT_MS 2000        /* after our close frame, wait this for the peer's */
+#define WS_HARD_BYTES (32u << 20) /* past this the socket is closed (1008) */
+#define WS_CLOSE_WAIT_MS 2000	  /* after our close frame, wait this for the peer's */
+#define WS_EARLY_MSGS 1024u	  /* kept before the upgrade completes */
+#define WS_EARLY_BYTES (1u << 20)
 
 struct ws_conn;
 
@@ -120,30 +122,33 @@ enum ws_state { WS_PENDING = 0, WS_OPEN = 1, WS_CLOSING = 2, WS_DEAD = 3 };
 
 struct ws_conn {
 	struct api *api;
-	struct ws_conn *next;            /* api->ws_list */
+	struct ws_conn *next; /* api->ws_list */
 	const struct ws_proto *proto;
-	void *ps;                        /* the protocol's state */
-	struct ws_hold *hold;            /* a filtering socket's claims (set by the protocol) */
-	atomic_uint refs;                /* list + deferred work + claims */
-	uint64_t id;                     /* names the pending upgrade (MHD closure) */
+	void *ps;	      /* the protocol's state */
+	struct ws_hold *hold; /* a filtering socket's claims (set by the protocol) */
+	atomic_uint refs;     /* list + deferred work + claims */
+	uint64_t id;	      /* names the pending upgrade (MHD closure) */
 	enum ws_state state;
-	int version;                     /* 3 or 2 */
+	int version; /* 3 or 2 */
 	uint32_t perms;
 	char key_id[17];
-	char peer[EZP_ADDR_STRLEN];      /* the client's address, for holder names and logs */
+	char peer[EZP_ADDR_STRLEN];	 /* the client's address, for holder names and logs */
 	struct MHD_Connection *mhd_conn; /* pending: the request's connection */
 	/* after the upgrade */
 	int fd;
 	struct MHD_UpgradeResponseHandle *urh;
-	void *wslay;                     /* wslay_event_context_ptr */
+	void *wslay; /* wslay_event_context_ptr */
 	struct ezp_watch *watch;
 	unsigned watch_events;
-	struct ezp_timer *timer;         /* pending: upgrade deadline; closing: close wait */
-	char *extra;                     /* bytes MHD read past the request */
+	struct ezp_timer *timer; /* pending: upgrade deadline; closing: close wait */
+	char *extra;		 /* bytes MHD read past the request */
 	size_t extra_len, extra_off;
 	bool stop_queued, stopped;
 	/* outgoing queue accounting */
-	uint64_t lag_dropped;            /* events dropped, not yet reported */
+	uint64_t lag_dropped; /* events dropped, not yet reported */
+	/* messages made before the upgrade completed (taps start before the 101) */
+	struct ws_early *early, **early_tail;
+	size_t early_n, early_bytes;
 };
 
 /*
@@ -172,14 +177,14 @@ void ws_unref(struct ws_conn *c);
 /* Why ws_hold_take refused a verdict. */
 enum ws_hold_miss { WS_HOLD_UNKNOWN = 1, WS_HOLD_ANSWERED = 2, WS_HOLD_EXPIRED = 3 };
 
-struct ws_hold;                      /* the filter side of a socket (both protocols) */
+struct ws_hold; /* the filter side of a socket (both protocols) */
 
 /* One packet held for this socket, as the worker saw it. */
 struct ws_held {
-	struct ws_held *next;            /* hash chain / pending list */
+	struct ws_held *next; /* hash chain / pending list */
 	struct ws_conn *c;
 	uint64_t hold_id, seq, deadline_us, session_id;
-	struct ezp_packet *pkt;          /* a reference */
+	struct ezp_packet *pkt; /* a reference */
 	uint8_t dir, leg;
 	bool expired;
 	char pipeline[72];
@@ -188,10 +193,10 @@ struct ws_held {
 };
 
 struct ws_hold_opts {
-	const char *pipeline;            /* NULL: every pipeline with a `remote` filter */
-	unsigned timeout_ms;             /* 0: the filter's HoldTimeoutMs */
-	int default_verdict;             /* -1: the filter's Default */
-	uint64_t first_seq;              /* v3 counts from 1, v2 (PktNum) from 0 */
+	const char *pipeline; /* NULL: every pipeline with a `remote` filter */
+	unsigned timeout_ms;  /* 0: the filter's HoldTimeoutMs */
+	int default_verdict;  /* -1: the filter's Default */
+	uint64_t first_seq;   /* v3 counts from 1, v2 (PktNum) from 0 */
 	/* which pipelines to claim when @pipeline is NULL (NULL: all) */
 	bool (*accept)(struct ws_conn *c, const struct ezp_pipeline_stats *p);
 	/* a held packet got its seq (after the upgrade): show it */

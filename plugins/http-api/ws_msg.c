@@ -62,7 +62,7 @@ fail:
 /* ---- v3 ---- */
 
 static int refuse(struct ws_msg_err *err, const char *code, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 
 static int refuse(struct ws_msg_err *err, const char *code, const char *fmt, ...)
 {
@@ -76,8 +76,8 @@ static int refuse(struct ws_msg_err *err, const char *code, const char *fmt, ...
 }
 
 /* Decode @key (a base64 string) into @data, @len. @what names the message type. */
-static int get_data(json_t *o, const char *key, const char *what, unsigned char **data,
-		    size_t *len, struct ws_msg_err *err)
+static int get_data(json_t *o, const char *key, const char *what, unsigned char **data, size_t *len,
+		    struct ws_msg_err *err)
 {
 	json_t *v = json_object_get(o, key);
 
@@ -136,9 +136,10 @@ static int parse_verdict(json_t *o, struct ws3_msg *m, struct ws_msg_err *err)
 		return refuse(err, "bad_field", "`seq` must be a packet's seq");
 	m->seq = (uint64_t)json_integer_value(seq);
 	json_decref(m->ref);
-	m->ref = json_incref(seq);   /* a verdict's errors refer to its seq */
+	m->ref = json_incref(seq); /* a verdict's errors refer to its seq */
 	if (!act)
-		return refuse(err, "missing_field", "verdict needs `action` (pass, drop or replace)");
+		return refuse(err, "missing_field",
+			      "verdict needs `action` (pass, drop or replace)");
 	a = json_is_string(act) ? json_string_value(act) : "";
 	if (!strcmp(a, "pass"))
 		m->action = WS3_PASS;
@@ -162,7 +163,7 @@ static int parse_inject(json_t *o, struct ws3_msg *m, struct ws_msg_err *err)
 		return -1;
 	if (!d)
 		return refuse(err, "missing_field",
-			    "inject needs `direction` (to_server, to_client or both)");
+			      "inject needs `direction` (to_server, to_client or both)");
 	s = json_is_string(d) ? json_string_value(d) : "";
 	if (!strcmp(s, "to_server"))
 		m->dir = WS3_DIR_TO_SERVER;
@@ -189,8 +190,8 @@ int ws3_msg_parse(const char *text, size_t len, struct ws3_msg *out, struct ws_m
 	memset(err, 0, sizeof(*err));
 	o = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
 	if (!o) {
-		refuse(err, "bad_json", "bad JSON at line %d, column %d: %s", jerr.line, jerr.column,
-		     jerr.text);
+		refuse(err, "bad_json", "bad JSON at line %d, column %d: %s", jerr.line,
+		       jerr.column, jerr.text);
 		goto fail;
 	}
 	if (!json_is_object(o)) {
@@ -223,8 +224,8 @@ int ws3_msg_parse(const char *text, size_t len, struct ws3_msg *out, struct ws_m
 		if (get_session(o, "close", &m, err) || get_pipeline(o, &m, err))
 			goto fail;
 	} else {
-		refuse(err, "unknown_type", "unknown message type `%.40s` (verdict, inject or close)",
-		     type);
+		refuse(err, "unknown_type",
+		       "unknown message type `%.40s` (verdict, inject or close)", type);
 		goto fail;
 	}
 	json_decref(o);
@@ -273,7 +274,8 @@ int ws2_msg_parse(const char *text, size_t len, struct ws2_msg *out, char *msg, 
 	o = json_loadb(text, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
 	if (!o || !(json_is_object(o) || json_is_null(o)))
 		goto fail;
-	json_object_foreach(o, key, v) {
+	json_object_foreach(o, key, v)
+	{
 		int64_t extra = 0;
 		if (!strcasecmp(key, "Type")) {
 			if (v2_int(v, &m.type))

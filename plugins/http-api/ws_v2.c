@@ -17,20 +17,20 @@
 
 /* ---- the v2 protocol ---- */
 
-#define V2_TO_SERVER 1u   /* Flags bit 0 */
-#define V2_INJECTED 2u    /* Flags bit 1 */
+#define V2_TO_SERVER 1u	    /* Flags bit 0 */
+#define V2_INJECTED 2u	    /* Flags bit 1 */
 #define V2_INJ_TO_CLIENT 1u /* Extra bits of an inject */
 #define V2_INJ_TO_SERVER 2u
 
 struct v2 {
 	bool can_close, can_inject, filter;
-	char network[4];                 /* "tcp", "udp" or "" (any) */
+	char network[4]; /* "tcp", "udp" or "" (any) */
 	struct ezp_tap *tap;
 	json_t *transports;
 };
 
 static void v2_error(struct ws_conn *c, int status, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 
 static void v2_error(struct ws_conn *c, int status, const char *fmt, ...)
 {
@@ -82,8 +82,9 @@ static bool v2_accept(struct ws_conn *c, const struct ezp_pipeline_stats *p)
 
 static void v2_on_held(struct ws_conn *c, struct ws_held *h)
 {
-	ws_send_json(c, v2_packet(c->api->core, (int64_t)h->seq, h->session_id, h->transport, &h->src, &h->dst,
-				  h->pkt, 0),
+	ws_send_json(c,
+		     v2_packet(c->api->core, (int64_t)h->seq, h->session_id, h->transport, &h->src,
+			       &h->dst, h->pkt, 0),
 		     WS_HELD);
 }
 
@@ -100,7 +101,7 @@ static void v2_on_event(void *userdata, const struct ezp_tap_event *ev)
 	const struct ezp_packet *pkt = ev->pkt ? ev->pkt : ev->original;
 	int64_t num = -1; /* watchers' packets carry no number */
 
-	if (c->state != WS_OPEN || (c->hold && !ws_hold_has(c->hold, ev->pipeline)))
+	if (c->state > WS_OPEN || (c->hold && !ws_hold_has(c->hold, ev->pipeline)))
 		return;
 	if (ev->type == EZP_TAP_SESSION_CLOSED && c->hold)
 		ws_hold_session_closed(c->hold, ev->session_id);
@@ -110,9 +111,10 @@ static void v2_on_event(void *userdata, const struct ezp_tap_event *ev)
 		return;
 	if (c->hold)
 		num = (int64_t)ws_hold_next_seq(c->hold);
-	ws_send_json(c, v2_packet(c->api->core, num, ev->session_id,
-				  ws_pipeline_transport(c->api, &v->transports, ev->pipeline),
-				  &ev->src, &ev->dst, pkt, ev->flags),
+	ws_send_json(c,
+		     v2_packet(c->api->core, num, ev->session_id,
+			       ws_pipeline_transport(c->api, &v->transports, ev->pipeline),
+			       &ev->src, &ev->dst, pkt, ev->flags),
 		     WS_EVENT);
 }
 
@@ -149,10 +151,19 @@ static enum MHD_Result v2_arg(void *cls, enum MHD_ValueKind kind, const char *ke
 static int v2_prepare(struct ws_conn *c, struct api_req *r)
 {
 	struct v2_flags f = {0};
-	struct ws_hold_opts ho = {.first_seq = 0, .default_verdict = EZP_VERDICT_PASS,
-				  .accept = v2_accept, .on_held = v2_on_held,
+	struct ws_hold_opts ho = {.first_seq = 0,
+				  .default_verdict = EZP_VERDICT_PASS,
+				  .accept = v2_accept,
+				  .on_held = v2_on_held,
 				  .on_expired = v2_on_expired};
 	struct v2 *v = calloc(1, sizeof(*v));
+	struct ezp_tap_opts to = {
+	    .struct_size = sizeof(to),
+	    .deliver_on = c->api->w,
+	    .userdata = c,
+	    .on_event = v2_on_event,
+	    .on_lagged = v2_on_lagged,
+	};
 
 	c->ps = v;
 	if (!v) {
@@ -189,30 +200,19 @@ static int v2_prepare(struct ws_conn *c, struct api_req *r)
 	v->can_inject = f.inject;
 	v->filter = f.filter;
 	snprintf(v->network, sizeof(v->network), "%s", f.network ? f.network : "");
-	if (!f.filter)
-		return 0;
-	c->hold = ws_hold_new(c, r, &ho);
-	return c->hold ? 0 : -1;
+	if (f.filter && !(c->hold = ws_hold_new(c, r, &ho)))
+		return -1;
+	/* the tap starts before the 101, as the old program's channel did */
+	if (c->api->core->tap_subscribe(c->api->ctx, &to, &v->tap) != EZP_OK) {
+		v->tap = NULL;
+		api_error(r, 500, "internal", "cannot watch the proxies");
+		return -1;
+	}
+	return 0;
 }
 
 static void v2_open(struct ws_conn *c)
 {
-	struct api *api = c->api;
-	struct v2 *v = c->ps;
-	struct ezp_tap_opts to = {
-		.struct_size = sizeof(to),
-		.deliver_on = api->w,
-		.userdata = c,
-		.on_event = v2_on_event,
-		.on_lagged = v2_on_lagged,
-	};
-
-	if (api->core->tap_subscribe(api->ctx, &to, &v->tap) != EZP_OK) {
-		v->tap = NULL;
-		v2_error(c, 500, "cannot watch the proxies");
-		ws_close(c, 1011, "cannot subscribe");
-		return;
-	}
 	if (c->hold)
 		ws_hold_open(c->hold);
 }
@@ -240,7 +240,8 @@ static void v2_all(struct ws_conn *c, const struct ws2_msg *m, int dir)
 	for (size_t i = 0; i < n; i++) {
 		struct ezp_error err = {0};
 		size_t k = 0;
-		(void)api->ctl->pipeline_inject(api->ctx, ps[i].name, dir, m->data, m->len, &k, &err);
+		(void)api->ctl->pipeline_inject(api->ctx, ps[i].name, dir, m->data, m->len, &k,
+						&err);
 	}
 	free(ps);
 }
@@ -273,7 +274,8 @@ static void v2_message(struct ws_conn *c, const uint8_t *text, size_t len, bool 
 			break;
 		}
 		dir = (m.extra & V2_INJ_TO_CLIENT) && (m.extra & V2_INJ_TO_SERVER) ? EZP_DIR_BOTH
-		      : m.extra & V2_INJ_TO_SERVER ? EZP_DIR_TO_SERVER : EZP_DIR_TO_CLIENT;
+		      : m.extra & V2_INJ_TO_SERVER ? EZP_DIR_TO_SERVER
+						   : EZP_DIR_TO_CLIENT;
 		if (m.target == -1) {
 			v2_all(c, &m, dir);
 			break;
@@ -282,7 +284,8 @@ static void v2_message(struct ws_conn *c, const uint8_t *text, size_t len, bool 
 				  : api->ctl->session_inject(api->ctx, (uint64_t)m.target, dir,
 							     m.data, m.len, &err);
 		if (rc == EZP_ERR_NOT_FOUND || rc == EZP_ERR_CLOSED)
-			v2_error(c, 404, "proxy not found: no proxy with id %lld", (long long)m.target);
+			v2_error(c, 404, "proxy not found: no proxy with id %lld",
+				 (long long)m.target);
 		else if (rc != EZP_OK)
 			v2_error(c, 400, "%s", err.message);
 		break;
@@ -298,17 +301,18 @@ static void v2_message(struct ws_conn *c, const uint8_t *text, size_t len, bool 
 		rc = m.target < 1 ? EZP_ERR_NOT_FOUND
 				  : api->ctl->session_close(api->ctx, (uint64_t)m.target, &err);
 		if (rc != EZP_OK)
-			v2_error(c, 404, "proxy not found: no proxy with id %lld", (long long)m.target);
+			v2_error(c, 404, "proxy not found: no proxy with id %lld",
+				 (long long)m.target);
 		break;
 	case 3: /* verdict */
 		if (!c->hold) {
 			v2_error(c, 403, "Missing permissions to filter");
 			break;
 		}
-		rc = m.target < 0 ? WS_HOLD_UNKNOWN
-				  : ws_hold_answer(c->hold, (uint64_t)m.target,
-						   m.extra & 1 ? EZP_VERDICT_PASS : EZP_VERDICT_DROP,
-						   NULL);
+		rc = m.target < 0
+			 ? WS_HOLD_UNKNOWN
+			 : ws_hold_answer(c->hold, (uint64_t)m.target,
+					  m.extra & 1 ? EZP_VERDICT_PASS : EZP_VERDICT_DROP, NULL);
 		if (rc == WS_HOLD_UNKNOWN)
 			v2_error(c, 404, "packet not found");
 		else if (rc == WS_HOLD_ANSWERED)
@@ -349,11 +353,11 @@ static void v2_free(struct ws_conn *c)
 }
 
 const struct ws_proto ws_proto_v2 = {
-	.prepare = v2_prepare,
-	.open = v2_open,
-	.message = v2_message,
-	.stop = v2_stop,
-	.free = v2_free,
+    .prepare = v2_prepare,
+    .open = v2_open,
+    .message = v2_message,
+    .stop = v2_stop,
+    .free = v2_free,
 };
 
 /* ---- shared shapes ---- */
@@ -381,14 +385,14 @@ const char *ws_pipeline_transport(struct api *api, json_t **cache, const char *p
 
 #define HOLD_BUCKETS 1024u
 #define HOLD_SWEEP_MS 100
-#define HOLD_GRACE_US 10000000ull     /* keep an expired seq this long to say "expired" */
+#define HOLD_GRACE_US 10000000ull /* keep an expired seq this long to say "expired" */
 
 struct hold_claim {
 	struct ws_hold *hd;
 	struct ezp_claim *claim;
 	char name[72];
-	unsigned timeout_ms;             /* effective */
-	int fallback;                    /* verdict when a packet cannot be handed over */
+	unsigned timeout_ms; /* effective */
+	int fallback;	     /* verdict when a packet cannot be handed over */
 };
 
 struct ws_hold {
@@ -576,21 +580,22 @@ struct ws_hold *ws_hold_new(struct ws_conn *c, struct api_req *r, const struct w
 	for (size_t i = 0; i < n; i++) {
 		struct hold_claim *hc = &hd->claims[hd->n_claims];
 		struct ezp_filter_holder holder = {
-			.struct_size = sizeof(holder),
-			.name = holder_name,
-			.userdata = hc,
-			.on_packet = hold_on_packet,
+		    .struct_size = sizeof(holder),
+		    .name = holder_name,
+		    .userdata = hc,
+		    .on_packet = hold_on_packet,
 		};
 		struct ezp_claim_opts copts = {
-			.struct_size = sizeof(copts),
-			.timeout_ms = o->timeout_ms,
-			.default_verdict = o->default_verdict,
+		    .struct_size = sizeof(copts),
+		    .timeout_ms = o->timeout_ms,
+		    .default_verdict = o->default_verdict,
 		};
 		struct ezp_error err = {0};
 		bool drop;
 		int rc;
 
-		if (o->pipeline ? strcmp(ps[i].name, o->pipeline) : o->accept && !o->accept(c, &ps[i]))
+		if (o->pipeline ? strcmp(ps[i].name, o->pipeline)
+				: o->accept && !o->accept(c, &ps[i]))
 			continue;
 		hc->hd = hd;
 		snprintf(hc->name, sizeof(hc->name), "%s", ps[i].name);
@@ -598,10 +603,11 @@ struct ws_hold *ws_hold_new(struct ws_conn *c, struct api_req *r, const struct w
 		if (o->timeout_ms)
 			hc->timeout_ms = o->timeout_ms;
 		hc->fallback = o->default_verdict >= 0 ? o->default_verdict
-			       : drop ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
+			       : drop		       ? EZP_VERDICT_DROP
+						       : EZP_VERDICT_PASS;
 		ws_ref(c); /* on_packet may run as soon as the claim exists */
-		rc = api->ctl->filter_claim(api->ctx, hc->name, "remote", &holder, &copts, &hc->claim,
-					    &err);
+		rc = api->ctl->filter_claim(api->ctx, hc->name, "remote", &holder, &copts,
+					    &hc->claim, &err);
 		if (rc == EZP_OK) {
 			hd->names[hd->n_claims++] = hc->name;
 			continue;
@@ -684,7 +690,7 @@ int ws_hold_answer(struct ws_hold *hd, uint64_t seq, int verdict, struct ezp_pac
 			return WS_HOLD_EXPIRED;
 		}
 		return seq >= hd->o.first_seq && seq < hd->next_seq ? WS_HOLD_ANSWERED
-								     : WS_HOLD_UNKNOWN;
+								    : WS_HOLD_UNKNOWN;
 	}
 	core->filter_answer(hd->c->api->ctx, h->hold_id, verdict, repl);
 	hold_unlink(hd, h);
@@ -748,4 +754,3 @@ void ws_hold_free(struct ws_hold *hd)
 	free(hd->names);
 	free(hd);
 }
-

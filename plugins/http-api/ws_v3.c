@@ -17,14 +17,14 @@ enum { V3_WATCH = 0, V3_FILTER = 1 };
 
 struct v3 {
 	int mode;
-	char *pipeline;                  /* ?pipeline=, or NULL for all */
+	char *pipeline; /* ?pipeline=, or NULL for all */
 	struct ezp_tap *tap;
-	json_t *transports;              /* pipeline -> transport cache */
-	uint64_t seq;                    /* watch mode: the last packet frame's seq */
+	json_t *transports; /* pipeline -> transport cache */
+	uint64_t seq;	    /* watch mode: the last packet frame's seq */
 };
 
 static void v3_error(struct ws_conn *c, const char *code, json_t *ref, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
+    __attribute__((format(printf, 4, 5)));
 
 /* An `error` frame. (transfer full) @ref. */
 static void v3_error(struct ws_conn *c, const char *code, json_t *ref, const char *fmt, ...)
@@ -35,8 +35,9 @@ static void v3_error(struct ws_conn *c, const char *code, json_t *ref, const cha
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	ws_send_json(c, json_pack("{s:s, s:s, s:s, s:o}", "type", "error", "code", code,
-				  "message", msg, "ref", ref ? ref : json_null()),
+	ws_send_json(c,
+		     json_pack("{s:s, s:s, s:s, s:o}", "type", "error", "code", code, "message",
+			       msg, "ref", ref ? ref : json_null()),
 		     WS_REPLY);
 }
 
@@ -54,26 +55,26 @@ static json_t *v3_packet(uint64_t seq, const char *pipeline, uint64_t session,
 		json_array_append_new(fl, json_string("replaced"));
 	if (flags & EZP_PKT_DROPPED)
 		json_array_append_new(fl, json_string("dropped"));
-	j = json_pack("{s:s, s:I, s:s, s:I, s:s, s:s, s:o, s:o, s:i, s:o, s:b, s:I, s:s}",
-		      "type", "packet", "seq", (json_int_t)seq, "pipeline", pipeline,
-		      "session", (json_int_t)session, "transport", transport,
-		      "direction", api_dir_name(pkt->dir), "src", api_addr_json(src),
-		      "dst", api_addr_json(dst), "leg", (int)pkt->leg, "flags", fl,
-		      "verdict_required", verdict_required, "ts_us", (json_int_t)pkt->ts_us,
-		      "data", b64 ? b64 : "");
+	j = json_pack("{s:s, s:I, s:s, s:I, s:s, s:s, s:o, s:o, s:i, s:o, s:b, s:I, s:s}", "type",
+		      "packet", "seq", (json_int_t)seq, "pipeline", pipeline, "session",
+		      (json_int_t)session, "transport", transport, "direction",
+		      api_dir_name(pkt->dir), "src", api_addr_json(src), "dst", api_addr_json(dst),
+		      "leg", (int)pkt->leg, "flags", fl, "verdict_required", verdict_required,
+		      "ts_us", (json_int_t)pkt->ts_us, "data", b64 ? b64 : "");
 	free(b64);
 	return j;
 }
 
 static void v3_on_held(struct ws_conn *c, struct ws_held *h)
 {
-	ws_send_json(c, v3_packet(h->seq, h->pipeline, h->session_id, h->transport, h->pkt,
-				  &h->src, &h->dst, 0, true),
+	ws_send_json(c,
+		     v3_packet(h->seq, h->pipeline, h->session_id, h->transport, h->pkt, &h->src,
+			       &h->dst, 0, true),
 		     WS_HELD);
 }
 
-static const char *const close_names[] = {"none", "client_closed", "server_closed", "idle",
-					  "api", "error", "connect_failed", "shutdown", "limit"};
+static const char *const close_names[] = {"none",  "client_closed",  "server_closed", "idle", "api",
+					  "error", "connect_failed", "shutdown",      "limit"};
 
 static json_t *v3_session(const struct ezp_tap_event *ev)
 {
@@ -98,9 +99,11 @@ static json_t *v3_session(const struct ezp_tap_event *ev)
 	j = api_session_json(&s);
 	if (j && ev->type == EZP_TAP_SESSION_CLOSED) {
 		int r = in->close_reason;
-		json_object_set_new(j, "close_reason",
-				    json_string(r >= 0 && r <= EZP_CLOSE_LIMIT ? close_names[r] : "error"));
-		json_object_set_new(j, "close_text", json_string(in->close_text ? in->close_text : ""));
+		json_object_set_new(
+		    j, "close_reason",
+		    json_string(r >= 0 && r <= EZP_CLOSE_LIMIT ? close_names[r] : "error"));
+		json_object_set_new(j, "close_text",
+				    json_string(in->close_text ? in->close_text : ""));
 		json_object_set_new(j, "state", json_string("closed"));
 	}
 	return j;
@@ -116,7 +119,7 @@ static void v3_on_event(void *userdata, const struct ezp_tap_event *ev)
 	const struct ezp_packet *pkt;
 	uint64_t seq;
 
-	if (c->state != WS_OPEN || (c->hold && !ws_hold_has(c->hold, ev->pipeline)))
+	if (c->state > WS_OPEN || (c->hold && !ws_hold_has(c->hold, ev->pipeline)))
 		return;
 	if (ev->type != EZP_TAP_PACKET) {
 		if (ev->type == EZP_TAP_SESSION_CLOSED && c->hold)
@@ -124,9 +127,9 @@ static void v3_on_event(void *userdata, const struct ezp_tap_event *ev)
 		if (ev->type < EZP_TAP_SESSION_OPENED || ev->type > EZP_TAP_SESSION_CLOSED ||
 		    !ev->info || ws_congested(c))
 			return;
-		ws_send_json(c, json_pack("{s:s, s:o}", "type", names[ev->type], "session",
-					  v3_session(ev)),
-			     WS_EVENT);
+		ws_send_json(
+		    c, json_pack("{s:s, s:o}", "type", names[ev->type], "session", v3_session(ev)),
+		    WS_EVENT);
 		return;
 	}
 	/* a filtering socket saw the others when they were held */
@@ -136,9 +139,10 @@ static void v3_on_event(void *userdata, const struct ezp_tap_event *ev)
 	if (!pkt || ws_congested(c))
 		return;
 	seq = c->hold ? ws_hold_next_seq(c->hold) : ++v->seq;
-	ws_send_json(c, v3_packet(seq, ev->pipeline, ev->session_id,
-				  ws_pipeline_transport(c->api, &v->transports, ev->pipeline), pkt,
-				  &ev->src, &ev->dst, ev->flags, false),
+	ws_send_json(c,
+		     v3_packet(seq, ev->pipeline, ev->session_id,
+			       ws_pipeline_transport(c->api, &v->transports, ev->pipeline), pkt,
+			       &ev->src, &ev->dst, ev->flags, false),
 		     WS_EVENT);
 }
 
@@ -152,6 +156,8 @@ static void v3_lagged(struct ws_conn *c, uint64_t dropped)
 	ws_send_json(c, json_pack("{s:s, s:I}", "type", "lagged", "dropped", (json_int_t)dropped),
 		     WS_REPLY);
 }
+
+static int v3_subscribe(struct ws_conn *c, struct api_req *r);
 
 static int v3_prepare(struct ws_conn *c, struct api_req *r)
 {
@@ -198,29 +204,45 @@ static int v3_prepare(struct ws_conn *c, struct api_req *r)
 			return -1;
 		}
 	}
-	if (v->mode == V3_WATCH)
-		return 0;
-	if (!(c->perms & EZP_PERM_FILTER)) {
-		api_error(r, 403, "forbidden", "mode=filter needs the Filter permission");
+	if (v->mode == V3_FILTER) {
+		if (!(c->perms & EZP_PERM_FILTER)) {
+			api_error(r, 403, "forbidden", "mode=filter needs the Filter permission");
+			return -1;
+		}
+		ho.pipeline = v->pipeline;
+		c->hold = ws_hold_new(c, r, &ho);
+		if (!c->hold)
+			return -1;
+	}
+	return v3_subscribe(c, r);
+}
+
+/* The tap starts before the 101 so nothing sent right after the upgrade is missed. */
+static int v3_subscribe(struct ws_conn *c, struct api_req *r)
+{
+	struct api *api = c->api;
+	struct v3 *v = c->ps;
+	struct ezp_tap_opts to = {
+	    .struct_size = sizeof(to),
+	    .pipeline = v->pipeline,
+	    .deliver_on = api->w,
+	    .userdata = c,
+	    .on_event = v3_on_event,
+	    .on_lagged = v3_on_lagged,
+	};
+
+	if (api->core->tap_subscribe(api->ctx, &to, &v->tap) != EZP_OK) {
+		v->tap = NULL;
+		api_error(r, 500, "internal", "cannot watch the pipelines");
 		return -1;
 	}
-	ho.pipeline = v->pipeline;
-	c->hold = ws_hold_new(c, r, &ho);
-	return c->hold ? 0 : -1;
+	return 0;
 }
 
 static void v3_open(struct ws_conn *c)
 {
 	struct api *api = c->api;
 	struct v3 *v = c->ps;
-	struct ezp_tap_opts to = {
-		.struct_size = sizeof(to),
-		.pipeline = v->pipeline,
-		.deliver_on = api->w,
-		.userdata = c,
-		.on_event = v3_on_event,
-		.on_lagged = v3_on_lagged,
-	};
 	struct ezp_status_info si = {.struct_size = sizeof(si)};
 	json_t *names = json_array();
 
@@ -241,17 +263,12 @@ static void v3_open(struct ws_conn *c)
 			free(ps);
 		}
 	}
-	ws_send_json(c, json_pack("{s:s, s:i, s:s, s:s, s:o, s:o}", "type", "hello", "version", 3,
-				  "server", si.version ? si.version : "", "mode",
-				  v->mode == V3_FILTER ? "filter" : "watch", "permissions",
-				  api_perms_json(c->perms), "pipelines", names),
+	ws_send_json(c,
+		     json_pack("{s:s, s:i, s:s, s:s, s:o, s:o}", "type", "hello", "version", 3,
+			       "server", si.version ? si.version : "", "mode",
+			       v->mode == V3_FILTER ? "filter" : "watch", "permissions",
+			       api_perms_json(c->perms), "pipelines", names),
 		     WS_REPLY);
-	if (api->core->tap_subscribe(api->ctx, &to, &v->tap) != EZP_OK) {
-		v->tap = NULL;
-		v3_error(c, "internal", NULL, "cannot watch the pipelines");
-		ws_close(c, 1011, "cannot subscribe");
-		return;
-	}
 	if (c->hold)
 		ws_hold_open(c->hold);
 }
@@ -279,12 +296,14 @@ static void v3_verdict(struct ws_conn *c, struct ws3_msg *m)
 	if (rc == WS_HOLD_EXPIRED)
 		v3_error(c, "verdict_expired", json_incref(m->ref),
 			 "packet %llu is no longer held: its hold timed out (the default was "
-			 "applied) or its session ended", (unsigned long long)m->seq);
+			 "applied) or its session ended",
+			 (unsigned long long)m->seq);
 	else if (rc)
 		v3_error(c, "unknown_seq", json_incref(m->ref),
-			 rc == WS_HOLD_ANSWERED ? "packet %llu does not wait for a verdict (already "
-						  "answered, or never held)"
-						: "no packet with seq %llu was sent on this socket",
+			 rc == WS_HOLD_ANSWERED
+			     ? "packet %llu does not wait for a verdict (already "
+			       "answered, or never held)"
+			     : "no packet with seq %llu was sent on this socket",
 			 (unsigned long long)m->seq);
 }
 
@@ -297,8 +316,8 @@ static void v3_failed(struct ws_conn *c, json_t *ref, int rc, const struct ezp_e
 	if (rc == EZP_ERR_NOT_FOUND || rc == EZP_ERR_CLOSED)
 		snprintf(code, sizeof(code), "%s_not_found", what);
 	else
-		snprintf(code, sizeof(code), "%s", rc == EZP_ERR_INVAL || rc == EZP_ERR_LIMIT
-							  ? "bad_request" : "failed");
+		snprintf(code, sizeof(code), "%s",
+			 rc == EZP_ERR_INVAL || rc == EZP_ERR_LIMIT ? "bad_request" : "failed");
 	v3_error(c, code, json_incref(ref), "%s", err->message[0] ? err->message : "failed");
 }
 
@@ -311,7 +330,9 @@ static void v3_all(struct ws_conn *c, struct ws3_msg *m)
 	struct ezp_pipeline_stats *ps = NULL;
 	size_t n = 0;
 
-	if (only && api->ctl->pipeline_stats(api->ctx, only, &(struct ezp_pipeline_stats){
+	if (only && api->ctl->pipeline_stats(
+			api->ctx, only,
+			&(struct ezp_pipeline_stats){
 			    .struct_size = sizeof(struct ezp_pipeline_stats)}) != EZP_OK) {
 		v3_error(c, "pipeline_not_found", json_incref(m->ref), "no pipeline named '%s'",
 			 only);
@@ -379,8 +400,8 @@ static void v3_message(struct ws_conn *c, const uint8_t *text, size_t len, bool 
 			break;
 		}
 		rc = m.type == WS3_INJECT
-			     ? api->ctl->session_inject(api->ctx, m.session, m.dir, m.data, m.len, &err)
-			     : api->ctl->session_close(api->ctx, m.session, &err);
+			 ? api->ctl->session_inject(api->ctx, m.session, m.dir, m.data, m.len, &err)
+			 : api->ctl->session_close(api->ctx, m.session, &err);
 		if (rc != EZP_OK)
 			v3_failed(c, m.ref, rc, &err, "session");
 		break;
@@ -415,10 +436,10 @@ static void v3_free(struct ws_conn *c)
 }
 
 const struct ws_proto ws_proto_v3 = {
-	.prepare = v3_prepare,
-	.open = v3_open,
-	.message = v3_message,
-	.lagged = v3_lagged,
-	.stop = v3_stop,
-	.free = v3_free,
+    .prepare = v3_prepare,
+    .open = v3_open,
+    .message = v3_message,
+    .lagged = v3_lagged,
+    .stop = v3_stop,
+    .free = v3_free,
 };

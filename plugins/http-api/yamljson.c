@@ -101,10 +101,10 @@ static char *pascal_of(const char *k)
 /* ---- YAML -> JSON ---- */
 
 struct yj_frame {
-	json_t *v;            /* object or array */
-	char *key;            /* a mapping's key waiting for its value (as written in YAML) */
-	bool kinds;           /* this mapping's keys are kind names */
-	bool through;         /* this sequence is a Through list */
+	json_t *v;    /* object or array */
+	char *key;    /* a mapping's key waiting for its value (as written in YAML) */
+	bool kinds;   /* this mapping's keys are kind names */
+	bool through; /* this sequence is a Through list */
 };
 
 static json_t *scalar_json(const yaml_event_t *ev)
@@ -226,18 +226,18 @@ json_t *api_yaml_to_json(const char *yaml)
 		case YAML_SEQUENCE_START_EVENT: {
 			struct yj_frame *parent = depth ? &st[depth - 1] : NULL;
 			bool map = ev.type == YAML_MAPPING_START_EVENT;
-			if (depth == YJ_MAX_DEPTH || (parent && json_is_object(parent->v) &&
-						      !parent->key)) {
+			if (depth == YJ_MAX_DEPTH ||
+			    (parent && json_is_object(parent->v) && !parent->key)) {
 				done = true; /* too deep, or a complex key */
 				break;
 			}
 			st[depth].v = map ? json_object() : json_array();
 			st[depth].key = NULL;
-			st[depth].kinds =
-			    map && parent &&
-			    (json_is_object(parent->v) ? is_kind_parent(parent->key) : parent->through);
-			st[depth].through = !map && parent && json_is_object(parent->v) &&
-					    is_through(parent->key);
+			st[depth].kinds = map && parent &&
+					  (json_is_object(parent->v) ? is_kind_parent(parent->key)
+								     : parent->through);
+			st[depth].through =
+			    !map && parent && json_is_object(parent->v) && is_through(parent->key);
 			if (!st[depth].v)
 				done = true;
 			else
@@ -374,7 +374,8 @@ static void put_json(struct yj_buf *b, json_t *v, int depth, bool kinds, bool th
 		json_t *m;
 		bool first = true;
 		puts_(b, "{");
-		json_object_foreach(v, k, m) {
+		json_object_foreach(v, k, m)
+		{
 			char *pascal = kinds ? NULL : pascal_of(k), *snake = NULL;
 			if (!first)
 				puts_(b, ", ");
@@ -398,7 +399,8 @@ static void put_json(struct yj_buf *b, json_t *v, int depth, bool kinds, bool th
 		size_t i;
 		json_t *m;
 		puts_(b, "[");
-		json_array_foreach(v, i, m) {
+		json_array_foreach(v, i, m)
+		{
 			if (i)
 				puts_(b, ", ");
 			put_json(b, m, depth + 1, through, false);

@@ -17,6 +17,7 @@
 
 #include "../../plugins/http-api/api.h"
 #include "../../plugins/http-api/bodies.h"
+#include "../../plugins/http-api/bodies_old.h"
 
 static void check(int ok)
 {
@@ -191,6 +192,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		free(d);
 	}
 	check(api_dir_parse(text) == -1 || !strcmp(api_dir_name(api_dir_parse(text)), text));
+	/* the old API's bodies and queries */
+	{
+		struct api_old_inject in;
+		char err[256];
+		int64_t perms;
+		if (api_old_inject_parse((const char *)data, size, &in, err, sizeof(err)) == 0)
+			api_old_inject_clear(&in);
+		if (api_old_perms_parse(text, &perms) == 0)
+			json_decref(api_old_keyinfo_json((uint32_t)perms & 0x1ffu));
+		d = api_old_b64_decode(text, size, &n);
+		free(d);
+	}
 	free(text);
 	shapes(data, size);
 	return 0;

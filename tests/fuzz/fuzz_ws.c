@@ -27,7 +27,8 @@ static void check_v3(const char *text, size_t len)
 			abort();
 		if (m.type == WS3_VERDICT && m.action == WS3_REPLACE && !m.data)
 			abort();
-		if (m.type == WS3_INJECT && (!m.data || !m.len || m.dir < 0 || m.dir > WS3_DIR_BOTH))
+		if (m.type == WS3_INJECT &&
+		    (!m.data || !m.len || m.dir < 0 || m.dir > WS3_DIR_BOTH))
 			abort();
 		if ((m.type == WS3_INJECT || m.type == WS3_CLOSE) && !m.all && !m.session)
 			abort();

@@ -284,7 +284,9 @@ class T1Handshake(Base):
         d = self.api(config(pipe('a', 'tcp', e.port)))
         w = self.ws(d, '/api/3/socket')
         w.recv_json()
-        w.send_text('{"type": "close", "session": "all", "pad": "%s"}' % ('x' * (MiB + 10)))
+        # announce a message past 1 MiB; the server refuses it from the header alone
+        whole = frame(OP_TEXT, b'{"pad": "' + b'x' * (MiB + 10) + b'"}')
+        w.sock.sendall(whole[:4096])
         self.assertEqual(w.wait_closed()[0], 1009)
 
 
@@ -650,6 +652,33 @@ class T4Revoke(Base):
         f.recv_json()
         other.ping(b'still')
         self.assertEqual(other.wait_pong(), b'still')
+
+
+    def test_revoked_silent_client_is_cut_off_and_stop_closes_all(self):
+        e = self.echo()
+        d = ApiDaemon(config(pipe('t', 'tcp', e.port)))
+        self._daemons = getattr(self, '_daemons', [])
+        self._daemons.append(d)
+        self.addCleanup(d.stop)
+        d.start()
+        st, js, raw, _ = d.post('/api/3/keys', {'perms': ['UseWebsocket'], 'name': 'quiet'})
+        silent = self.ws(d, '/api/3/socket', key=js['key'])
+        silent.recv_json()
+        w = self.ws(d, '/api/3/socket')
+        w.recv_json()
+        d.request('DELETE', '/api/3/keys/' + js['id'])
+        t0 = time.monotonic()
+        silent.sock.settimeout(10)
+        data = b''
+        while True:   # read raw bytes, never answer the close frame
+            b = silent.sock.recv(4096)
+            if not b:
+                break
+            data += b
+        self.assertIn(b'key revoked', data)
+        self.assertLess(time.monotonic() - t0, 8)
+        d.stop()
+        self.assertEqual(w.wait_closed()[0], 1001)
 
 
 # 5 ---------------------------------------------------------------------------------------
