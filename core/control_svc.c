@@ -485,6 +485,33 @@ static uint64_t ctl_tap_drops(struct ezp_core_ctx *d)
 	return atomic_load(&d->tap_drops);
 }
 
+static int ctl_filter_hold(struct ezp_core_ctx *d, const char *pipeline, const char *key,
+			   unsigned *timeout_ms, int *default_verdict)
+{
+	int rc = EZP_ERR_NOT_FOUND;
+
+	pthread_mutex_lock(&d->ctl_lock);
+	for (size_t i = 0; pipeline && key && i < d->cfg->n_pipelines && rc != EZP_OK; i++) {
+		const struct ezp__pipeline_conf *pc = &d->cfg->pipelines[i];
+		if (strcmp(pc->name, pipeline))
+			continue;
+		for (size_t k = 0; k < pc->n_through && rc != EZP_OK; k++) {
+			char ck[160];
+			if (!(pc->through[k].filter->flags & EZP_FILTER_EXCLUSIVE))
+				continue;
+			ezp__claim_key(&pc->through[k], ck, sizeof(ck));
+			if (strcmp(ck, key))
+				continue;
+			*timeout_ms = (unsigned)pc->through[k].hold.timeout_ms;
+			*default_verdict = pc->through[k].hold.default_drop ? EZP_VERDICT_DROP
+									    : EZP_VERDICT_PASS;
+			rc = EZP_OK;
+		}
+	}
+	pthread_mutex_unlock(&d->ctl_lock);
+	return rc;
+}
+
 void ezp__control_init(struct ezp_core_ctx *d)
 {
 	struct ezp_control *c = &d->control;
@@ -515,4 +542,5 @@ void ezp__control_init(struct ezp_core_ctx *d)
 	c->filter_claim = ctl_filter_claim;
 	c->claim_release = ezp_claim_release;
 	c->tap_drops = ctl_tap_drops;
+	c->filter_hold = ctl_filter_hold;
 }

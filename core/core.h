@@ -386,6 +386,8 @@ struct ezp__chain_def *ezp__chain_ref(struct ezp__chain_def *c);
 void ezp__chain_unref(struct ezp__chain_def *c);
 int ezp__listener_accept(struct ezp_accept *a);
 struct ezp__claim *ezp__claim_slot(struct ezp__pipeline *p, const char *key); /* lock held */
+/* The claim key of an exclusive filter item: "kind" or "kind:Name". */
+void ezp__claim_key(const struct ezp__kind_conf *kc, char *buf, size_t len);
 void ezp__pipeline_unref(struct ezp__pipeline *p);
 /* A route: the next client from @addr goes into @s. Thread: @s's worker. */
 int ezp__pipeline_route_add(struct ezp__pipeline *p, const struct ezp_addr *addr,

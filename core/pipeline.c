@@ -36,7 +36,7 @@ void ezp__chain_unref(struct ezp__chain_def *c)
 }
 
 /* The claim key of an exclusive filter: "kind" or "kind:Name". */
-static void claim_key(const struct ezp__kind_conf *kc, char *buf, size_t len)
+void ezp__claim_key(const struct ezp__kind_conf *kc, char *buf, size_t len)
 {
 	const struct ezp_param *pr;
 
@@ -99,7 +99,7 @@ static int chain_build(struct ezp_core_ctx *d, struct ezp__pipeline *p,
 		}
 		if (sd->kind->flags & EZP_FILTER_EXCLUSIVE) {
 			char key[160];
-			claim_key(&sd->conf, key, sizeof(key));
+			ezp__claim_key(&sd->conf, key, sizeof(key));
 			pthread_mutex_lock(&p->lock);
 			sd->claim = ezp__claim_slot(p, key);
 			pthread_mutex_unlock(&p->lock);

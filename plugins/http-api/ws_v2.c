@@ -529,27 +529,16 @@ static void hold_sweep(void *arg)
 	}
 }
 
-/* The remote filter's HoldTimeoutMs and Default from the pipeline's resolved YAML. */
+/* The remote filter's HoldTimeoutMs and Default in @pipeline. */
 static void remote_conf(struct api *api, const char *pipeline, unsigned *timeout_ms,
 			bool *default_drop)
 {
-	char *yaml = api->ctl->pipeline_yaml(api->ctx, pipeline);
-	const char *p = yaml, *t, *d;
-
-	/* the item's key: remote: or "remote": */
-	while (p && (p = strstr(p, "remote"))) {
-		p += 6;
-		if (*p == ':' || (p[0] == '"' && p[1] == ':'))
-			break;
-	}
+	int def = EZP_VERDICT_PASS;
 
 	*timeout_ms = 5000;
-	*default_drop = false;
-	if (p && (t = strstr(p, "HoldTimeoutMs:")))
-		*timeout_ms = (unsigned)strtoul(t + 14, NULL, 10);
-	if (p && (d = strstr(p, "Default:")))
-		*default_drop = !strncmp(d + 8 + strspn(d + 8, " "), "drop", 4);
-	free(yaml);
+	if (api->ctl->filter_hold(api->ctx, pipeline, "remote", timeout_ms, &def) != EZP_OK)
+		*timeout_ms = 5000;
+	*default_drop = def == EZP_VERDICT_DROP;
 }
 
 struct ws_hold *ws_hold_new(struct ws_conn *c, struct api_req *r, const struct ws_hold_opts *o)

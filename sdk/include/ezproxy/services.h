@@ -180,6 +180,13 @@ struct ezp_control {
 	void (*claim_release)(struct ezp_claim *claim);
 	/* Total events taps lost by lagging since start (for /metrics). Thread: any. */
 	uint64_t (*tap_drops)(struct ezp_core_ctx *ctx);
+	/*
+	 * The hold settings of the exclusive filter @key in @pipeline's
+	 * current chain: HoldTimeoutMs and Default (EZP_VERDICT_PASS/_DROP).
+	 * EZP_ERR_NOT_FOUND when the pipeline has no such filter.
+	 */
+	int (*filter_hold)(struct ezp_core_ctx *ctx, const char *pipeline, const char *key,
+			   unsigned *timeout_ms, int *default_verdict);
 };
 
 /* A direction value the control inject functions accept beside enum ezp_direction. */
