@@ -213,6 +213,22 @@ done:
 	return rc;
 }
 
+int ezp__cli_remote_opt(struct ezp__cli_remote *r, int c, const char *arg)
+{
+	switch (c) {
+	case 'a':
+		r->api_opt = arg;
+		return 1;
+	case 'k':
+		r->key_opt = arg;
+		return 1;
+	case 'c':
+		r->config = arg;
+		return 1;
+	}
+	return 0;
+}
+
 void ezp__cli_remote_clear(struct ezp__cli_remote *r)
 {
 	free(r->key_buf);
@@ -410,19 +426,12 @@ int ezp__cli_key(int argc, char **argv)
 		case 'n':
 			name = optarg;
 			break;
-		case 'a':
-			r.api_opt = optarg;
-			break;
-		case 'k':
-			r.key_opt = optarg;
-			break;
-		case 'c':
-			r.config = optarg;
-			break;
 		case 'h':
 			key_usage(stdout);
 			return 0;
 		default:
+			if (ezp__cli_remote_opt(&r, c, optarg))
+				break;
 			key_usage(stderr);
 			return 2;
 		}

@@ -147,12 +147,17 @@ struct ezp__cli_remote {
 int ezp__cli_remote_resolve(struct ezp__cli_remote *r);
 void ezp__cli_remote_clear(struct ezp__cli_remote *r);
 /*
+ * Take getopt_long's @c and @arg into @r: 1 for 'a' (--api URL), 'k'
+ * (--key KEY) or 'c' (-c/--config FILE), else 0 (another option).
+ */
+int ezp__cli_remote_opt(struct ezp__cli_remote *r, int c, const char *arg);
+/* Replace control characters in @s (text from the daemon, bound for a terminal) with '?'. */
+void ezp__cli_scrub(char *s);
+/*
  * Print on one line why the API refused (@rep: its status and v3
  * {"error": {code, message}} body) and what to do; @perm_needed names the
  * permission a 403 lacks. Returns the exit code (1).
  */
-/* Replace control characters in @s (text from the daemon, bound for a terminal) with '?'. */
-void ezp__cli_scrub(char *s);
 int ezp__cli_api_refused(const struct ezp__cli_remote *r, const struct ezp__cli_reply *rep,
 			 const char *perm_needed);
 

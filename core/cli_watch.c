@@ -370,19 +370,12 @@ int ezp__cli_watch(int argc, char **argv)
 				return 2;
 			}
 			break;
-		case 'a':
-			r.api_opt = optarg;
-			break;
-		case 'k':
-			r.key_opt = optarg;
-			break;
-		case 'c':
-			r.config = optarg;
-			break;
 		case 'h':
 			watch_usage(stdout);
 			return 0;
 		default:
+			if (ezp__cli_remote_opt(&r, c, optarg))
+				break;
 			watch_usage(stderr);
 			return 2;
 		}

@@ -1,9 +1,13 @@
 /*
  * api.h - the http-api plugin's internal interface between its files.
  *
- *   server.c     libmicrohttpd on the core's service loop, routing, keys,
- *                replies, request limits, blocking work off the loop
- *   routes_v3.c  the v3 REST routes (DESIGN.md section 8)
+ *   server.c     start/stop, libmicrohttpd on the core's service loop,
+ *                blocking work off the loop
+ *   request.c    one request: routing, keys and permissions, body limits
+ *   reply.c      replies and errors (the v3 and old envelopes)
+ *   routes_v3.c  the v3 REST routes (DESIGN.md section 8): status,
+ *                plugins, pipelines, sessions
+ *   routes_v3_config.c, routes_v3_keys.c  the v3 config and key routes
  *   routes_old.c the old v1/v2 REST routes
  *   metrics.c    /metrics (Prometheus text) and the request counters
  *   ws.c         WebSocket upgrade and framing (wslay) on the service loop
@@ -25,11 +29,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "b64.h"
+
 #define API_MAX_BODY (1u << 20)     /* request bodies larger than this get 413 */
 #define API_MAX_PARAMS 4
 
 struct ws_conn;
 struct api_metrics;
+struct body_err;
 
 struct api {
 	const struct ezp_core *core;
@@ -92,10 +99,19 @@ struct api_route {
 #define API_PERM_PUBLIC (1u << 31)
 
 extern const struct api_route api_routes_v3[];
+extern const struct api_route api_routes_v3_config[];
+extern const struct api_route api_routes_v3_keys[];
 extern const struct api_route api_routes_old[];
 extern const struct api_route api_routes_misc[];   /* /metrics, /api/3/openapi.json, / */
 
-/* ---- requests (server.c) ---- */
+/* ---- requests (request.c) ---- */
+
+/* libmicrohttpd's access and completion callbacks; @cls is the struct api. */
+enum MHD_Result api_request_access(void *cls, struct MHD_Connection *conn, const char *url,
+				   const char *method, const char *version, const char *upload,
+				   size_t *upload_size, void **con_cls);
+void api_request_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+			   enum MHD_RequestTerminationCode toe);
 
 /* A query argument (decoded), or NULL. */
 const char *api_query(struct api_req *r, const char *name);
@@ -108,14 +124,14 @@ const char *api_header(struct api_req *r, const char *name);
  */
 json_t *api_body_object(struct api_req *r);
 /*
- * Run @work(@r) on a thread of its own (for calls that wait: a server swap,
+ * (server.c) Run @work(@r) on a thread of its own (for calls that wait: a server swap,
  * an accept-mode client). The HTTP connection is suspended meanwhile and
  * the reply @work made is sent when it returns. The handler returns right
  * after calling this.
  */
 void api_run_blocking(struct api_req *r, void (*work)(struct api_req *r));
 
-/* ---- replies (server.c). Each sets r->resp / r->status once. Thread: any. ---- */
+/* ---- replies (reply.c). Each sets r->resp / r->status once. Thread: any. ---- */
 
 /* (transfer full) @body. */
 void api_reply_json(struct api_req *r, unsigned status, json_t *body);
@@ -125,6 +141,8 @@ void api_error(struct api_req *r, unsigned status, const char *code, const char 
 /* As api_error, with a "field" member naming the body field at fault (v3 only). */
 void api_error_field(struct api_req *r, unsigned status, const char *code, const char *field,
 		     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+/* 400 `bad_request` naming the field a body parser (bodies.c) refused. */
+void api_error_body(struct api_req *r, const struct body_err *e);
 /* Map a failed core call to a status and code (NOT_FOUND 404 `<what>_not_found`, ...). */
 void api_error_from(struct api_req *r, const struct ezp_error *err, const char *what);
 /* Old API success: {"Status": status, "Data": data}. (transfer full) @data. */
@@ -134,16 +152,13 @@ void api_reply_raw(struct api_req *r, unsigned status, const char *content_type,
 /* 204 No Content. */
 void api_reply_empty(struct api_req *r);
 
-/* ---- shapes shared by the REST and WebSocket code (routes_v3.c) ---- */
+/* ---- shapes shared by the REST and WebSocket code (bodies.c; base64: b64.h) ---- */
 
 const char *api_dir_name(int dir);               /* "to_server" / "to_client" */
 /* "to_server" | "to_client" | "both" -> EZP_DIR_*, or -1. */
 int api_dir_parse(const char *s);
 json_t *api_addr_json(const struct ezp_addr *a); /* "1.2.3.4:5" or null */
 json_t *api_session_json(const struct ezp_session_summary *s);
-/* base64 (libcrypto EVP_Encode/DecodeBlock). decode: malloc'd, NULL on bad input. */
-char *api_b64_encode(const void *data, size_t len);
-unsigned char *api_b64_decode(const char *text, size_t *len);
 /* Permission bits <-> names ("perms": 7 or ["CheckStatus", ...]); -1 on bad input. */
 int64_t api_perms_parse(json_t *v, char *bad, size_t bad_len);
 json_t *api_perms_json(uint32_t perms);

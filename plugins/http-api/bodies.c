@@ -1,9 +1,9 @@
 /*
  * bodies.c - the v3 API's request-body parsers and the JSON shapes of core
- * structs (sessions, pipelines, status, keys, addresses, permissions,
- * base64). Pure: jansson and libcrypto only, no libmicrohttpd and no core
- * calls, so the fuzz target (tests/fuzz/fuzz_api_body.c) links this file
- * alone. Every byte parsed here came from a client.
+ * structs (sessions, pipelines, status, keys, addresses, permissions);
+ * base64 is b64.c's. Pure: jansson and b64.c only, no libmicrohttpd and
+ * no core calls, so the fuzz target (tests/fuzz/fuzz_api_body.c) links this
+ * file with b64.c alone. Every byte parsed here came from a client.
  *
  * Thread: any.
  */
@@ -14,8 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-#include <openssl/evp.h>
 
 #include "api.h"
 #include "bodies.h"
@@ -137,7 +135,7 @@ bool body_name_ok(const char *name)
 	return true;
 }
 
-/* ---- directions, addresses, base64, permissions ---- */
+/* ---- directions, addresses, permissions ---- */
 
 const char *api_dir_name(int dir)
 {
@@ -177,81 +175,6 @@ json_t *api_addr_json(const struct ezp_addr *a)
 		return json_null();
 	}
 	return json_string(buf);
-}
-
-char *api_b64_encode(const void *data, size_t len)
-{
-	size_t out_len;
-	char *out;
-
-	if (len > (SIZE_MAX / 4) * 3 - 3 || len > (size_t)INT32_MAX / 2)
-		return NULL;
-	out_len = 4 * ((len + 2) / 3) + 1;
-	out = malloc(out_len);
-	if (!out)
-		return NULL;
-	if (len == 0) {
-		out[0] = '\0';
-		return out;
-	}
-	EVP_EncodeBlock((unsigned char *)out, data, (int)len);
-	return out;
-}
-
-static bool b64_char(unsigned char c)
-{
-	return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-	       c == '+' || c == '/';
-}
-
-unsigned char *api_b64_decode(const char *text, size_t *len)
-{
-	size_t n, pad = 0, full;
-	unsigned char *out = NULL;
-	char *padded = NULL;
-	int got;
-
-	if (!text || !len)
-		return NULL;
-	n = strlen(text);
-	if (n > (size_t)INT32_MAX / 2)
-		return NULL;
-	/* strict alphabet; '=' only as the last one or two characters */
-	while (pad < 2 && pad < n && text[n - 1 - pad] == '=')
-		pad++;
-	for (size_t i = 0; i < n - pad; i++)
-		if (!b64_char((unsigned char)text[i]))
-			return NULL;
-	if (pad && n % 4)
-		return NULL;
-	full = n - pad;
-	if (full % 4 == 1)
-		return NULL; /* one stray character never encodes a byte */
-	/* accept missing padding: pad to a multiple of 4 for EVP_DecodeBlock */
-	padded = malloc(full + 4);
-	out = malloc(full / 4 * 3 + 4);
-	if (!padded || !out)
-		goto fail;
-	memcpy(padded, text, full);
-	while (full % 4)
-		padded[full++] = '=';
-	padded[full] = '\0';
-	pad = full - (n - pad);
-	if (full == 0) {
-		*len = 0;
-		free(padded);
-		return out;
-	}
-	got = EVP_DecodeBlock(out, (const unsigned char *)padded, (int)full);
-	if (got < 0 || (size_t)got < pad)
-		goto fail;
-	free(padded);
-	*len = (size_t)got - pad;
-	return out;
-fail:
-	free(padded);
-	free(out);
-	return NULL;
 }
 
 int64_t api_perms_parse(json_t *v, char *bad, size_t bad_len)

@@ -1,8 +1,8 @@
 /*
  * bodies.h - the v3 request-body parsers and the JSON shapes of core
- * structs (bodies.c). Pure functions over jansson values and libcrypto:
+ * structs (bodies.c). Pure functions over jansson values (base64: b64.c):
  * no libmicrohttpd, no core calls, so tests/fuzz/fuzz_api_body.c links
- * bodies.c alone.
+ * bodies.c and b64.c alone.
  *
  * Every parser takes a JSON object loaded with JSON_REJECT_DUPLICATES,
  * refuses unknown fields, and on failure returns -1 with @e naming the

@@ -1,6 +1,7 @@
 /*
  * routes_v3.c - the v3 REST routes (DESIGN.md section 8): status, plugins,
- * pipelines, sessions, config and keys, in snake_case JSON. The request
+ * pipelines and sessions, in snake_case JSON; the config routes are in
+ * routes_v3_config.c, the key routes in routes_v3_keys.c. The request
  * bodies are parsed in bodies.c; the WebSocket is ws.c's. Routes whose
  * plugin is not there yet (faults, capture) answer 501 `not_available`.
  *
@@ -10,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "api.h"
 #include "bodies.h"
@@ -20,11 +20,6 @@
 
 #define CTL(r) ((r)->api->ctl)
 #define CTX(r) ((r)->api->ctx)
-
-static void v3_bad(struct api_req *r, const struct body_err *e)
-{
-	api_error_field(r, MHD_HTTP_BAD_REQUEST, "bad_request", e->field, "%s", e->message);
-}
 
 /* The {id} path part as a session id; false after answering 400. */
 static bool v3_id(struct api_req *r, uint64_t *id)
@@ -183,7 +178,7 @@ static void v3_pipeline_create(struct api_req *r)
 	if (!o)
 		return;
 	if (body_pipeline_create_parse(o, &name, &e)) {
-		v3_bad(r, &e);
+		api_error_body(r, &e);
 	} else if (CTL(r)->pipeline_stats(CTX(r), name, &p) == EZP_OK) {
 		api_error_field(
 		    r, MHD_HTTP_CONFLICT, "conflict", "name",
@@ -228,7 +223,7 @@ static void v3_pipeline_patch(struct api_req *r)
 	if (!o)
 		return;
 	if (body_pipeline_patch_parse(o, name, &p, &e)) {
-		v3_bad(r, &e);
+		api_error_body(r, &e);
 		goto done;
 	}
 	cur = v3_pipeline_config(r, name);
@@ -292,7 +287,7 @@ static void v3_pipeline_restart(struct api_req *r)
 		if (!(o = api_body_object(r)))
 			return;
 		if (body_restart_parse(o, &close_sessions, &e)) {
-			v3_bad(r, &e);
+			api_error_body(r, &e);
 			json_decref(o);
 			return;
 		}
@@ -315,7 +310,7 @@ static void v3_pipeline_inject(struct api_req *r)
 	if (!o)
 		return;
 	if (body_inject_parse(o, &in, &e)) {
-		v3_bad(r, &e);
+		api_error_body(r, &e);
 	} else {
 		if (CTL(r)->pipeline_inject(CTX(r), v3_name(r), in.dir, in.data, in.len, &n,
 					    &err) != EZP_OK)
@@ -413,7 +408,7 @@ static void v3_session_inject(struct api_req *r)
 	if (!v3_id(r, &id) || !(o = api_body_object(r)))
 		return;
 	if (body_inject_parse(o, &in, &e)) {
-		v3_bad(r, &e);
+		api_error_body(r, &e);
 	} else {
 		if (CTL(r)->session_inject(CTX(r), id, in.dir, in.data, in.len, &err) != EZP_OK)
 			v3_session_error(r, &err, id);
@@ -467,7 +462,7 @@ static void v3_swap(struct api_req *r, bool server, bool add)
 		return;
 	bad = server ? body_server_parse(o, &c.address, &e) : body_client_parse(o, &c, &e);
 	if (bad) {
-		v3_bad(r, &e);
+		api_error_body(r, &e);
 	} else if (!(w = calloc(1, sizeof(*w)))) {
 		api_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");
 	} else {
@@ -500,209 +495,6 @@ static void v3_swap_client(struct api_req *r)
 static void v3_add_client(struct api_req *r)
 {
 	v3_swap(r, false, true);
-}
-
-/* ---- config ---- */
-
-static json_t *v3_str_or_null(const char *s)
-{
-	return s ? json_string(s) : json_null();
-}
-
-static void v3_config_get(struct api_req *r)
-{
-	char *yaml = CTL(r)->config_dump(CTX(r));
-	json_t *cfg;
-
-	if (!yaml) {
-		api_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "cannot dump the config");
-		return;
-	}
-	cfg = api_yaml_to_json(yaml);
-	api_reply_json(r, MHD_HTTP_OK,
-		       json_pack("{s:o, s:s, s:o}", "file",
-				 v3_str_or_null(CTL(r)->config_file(CTX(r))), "yaml", yaml,
-				 "config", cfg ? cfg : json_null()));
-	free(yaml);
-}
-
-static bool v3_is_yaml_type(const char *ct)
-{
-	static const char *const types[] = {"application/yaml", "application/x-yaml", "text/yaml",
-					    "text/x-yaml",	"text/plain",	      NULL};
-
-	for (size_t i = 0; ct && types[i]; i++) {
-		size_t n = strlen(types[i]);
-		if (!strncasecmp(ct, types[i], n) &&
-		    (ct[n] == '\0' || ct[n] == ';' || ct[n] == ' '))
-			return true;
-	}
-	return false;
-}
-
-static void v3_config_put(struct api_req *r)
-{
-	struct ezp_error err = {0};
-	struct body_err e;
-	const char *yaml = NULL, *file;
-	char *made = NULL;
-	json_t *o = NULL, *cfg = NULL;
-
-	if (v3_is_yaml_type(api_header(r, MHD_HTTP_HEADER_CONTENT_TYPE))) {
-		if (!r->body_len) {
-			api_error(r, MHD_HTTP_BAD_REQUEST, "bad_request",
-				  "the body is empty: send the new config file's text");
-			return;
-		}
-		if (strlen(r->body) != r->body_len) {
-			api_error(r, MHD_HTTP_BAD_REQUEST, "bad_request",
-				  "the config text contains a NUL byte");
-			return;
-		}
-		yaml = r->body;
-	} else {
-		if (!(o = api_body_object(r)))
-			return;
-		if (body_config_parse(o, &yaml, &cfg, &e)) {
-			v3_bad(r, &e);
-			goto done;
-		}
-		if (cfg && !(yaml = made = api_json_to_yaml(cfg))) {
-			api_error_field(r, MHD_HTTP_BAD_REQUEST, "bad_request", "config",
-					"config: cannot be written as YAML");
-			goto done;
-		}
-	}
-	if (CTL(r)->config_replace(CTX(r), yaml, 1, &err) != EZP_OK) {
-		api_error_from(r, &err, "config");
-		goto done;
-	}
-	file = CTL(r)->config_file(CTX(r));
-	api_reply_json(r, MHD_HTTP_OK,
-		       json_pack("{s:b, s:o}", "applied", 1, "written", v3_str_or_null(file)));
-done:
-	free(made);
-	json_decref(o);
-}
-
-static void v3_config_reload(struct api_req *r)
-{
-	struct ezp_error err = {0};
-
-	if (CTL(r)->config_reload(CTX(r), &err) != EZP_OK)
-		api_error_from(r, &err, "config_file");
-	else
-		api_reply_json(r, MHD_HTTP_OK,
-			       json_pack("{s:b, s:o}", "applied", 1, "file",
-					 v3_str_or_null(CTL(r)->config_file(CTX(r)))));
-}
-
-/* ---- keys ---- */
-
-static const struct ezp_auth *v3_auth(struct api_req *r)
-{
-	if (!r->api->auth)
-		api_error(r, MHD_HTTP_NOT_IMPLEMENTED, "not_available",
-			  "keys are off: the API runs with Api.Auth: false");
-	return r->api->auth;
-}
-
-static void v3_keys(struct api_req *r)
-{
-	const struct ezp_auth *a = v3_auth(r);
-	struct ezp_key_info *ks = NULL;
-	size_t n = 0;
-	json_t *list;
-
-	if (!a)
-		return;
-	if (a->list(a->auth, &ks, &n) != EZP_OK) {
-		api_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "cannot list keys");
-		return;
-	}
-	list = json_array();
-	for (size_t i = 0; list && i < n; i++)
-		json_array_append_new(list, body_key_json(&ks[i]));
-	free(ks);
-	api_reply_json(r, MHD_HTTP_OK, json_pack("{s:o}", "keys", list));
-}
-
-static void v3_key_create(struct api_req *r)
-{
-	const struct ezp_auth *a = v3_auth(r);
-	struct ezp_key_info info = {.struct_size = sizeof(info)};
-	struct ezp_error err = {0};
-	struct body_err e;
-	char key[65];
-	const char *name;
-	uint32_t perms;
-	json_t *o, *k;
-
-	if (!a || !(o = api_body_object(r)))
-		return;
-	if (body_key_parse(o, &perms, &name, &e)) {
-		v3_bad(r, &e);
-	} else if (a->create(a->auth, r->key_id, r->perms, perms, name, key, &info, &err) !=
-		   EZP_OK) {
-		api_error_from(r, &err, "key");
-	} else {
-		k = body_key_json(&info);
-		if (k)
-			json_object_set_new(k, "key", json_string(key));
-		api_reply_json(r, MHD_HTTP_CREATED, k);
-		explicit_bzero(key, sizeof(key));
-	}
-	json_decref(o);
-}
-
-static void v3_key_self(struct api_req *r)
-{
-	struct ezp_key_info info = {.struct_size = sizeof(info)};
-	const struct ezp_auth *a = r->api->auth;
-
-	if (!a) {
-		api_reply_json(r, MHD_HTTP_OK,
-			       json_pack("{s:n, s:s, s:i, s:o, s:b}", "id", "name", "", "perms",
-					 (int)r->perms, "perm_names", api_perms_json(r->perms),
-					 "auth", 0));
-		return;
-	}
-	if (a->get(a->auth, r->key_id, &info) != EZP_OK) {
-		api_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized", "this key was revoked");
-		return;
-	}
-	api_reply_json(r, MHD_HTTP_OK, body_key_json(&info));
-}
-
-static void v3_key_delete(struct api_req *r)
-{
-	const struct ezp_auth *a = v3_auth(r);
-	struct ezp_key_info info = {.struct_size = sizeof(info)};
-	struct ezp_error err = {0};
-	uint32_t extra;
-	json_t *names;
-	char *text;
-
-	if (!a)
-		return;
-	if (a->get(a->auth, v3_name(r), &info) != EZP_OK) {
-		api_error(r, MHD_HTTP_NOT_FOUND, "key_not_found", "no key '%.20s'", v3_name(r));
-		return;
-	}
-	extra = info.perms & ~r->perms;
-	if (extra) {
-		names = api_perms_json(extra);
-		text = names ? json_dumps(names, JSON_COMPACT) : NULL;
-		api_error(r, MHD_HTTP_FORBIDDEN, "forbidden",
-			  "key %s has permissions this key lacks: %s", info.id, text ? text : "");
-		free(text);
-		json_decref(names);
-		return;
-	}
-	if (a->revoke(a->auth, info.id, &err) != EZP_OK)
-		api_error_from(r, &err, "key");
-	else
-		api_reply_empty(r);
 }
 
 /* ---- not here yet, and the WebSocket ---- */
@@ -743,14 +535,7 @@ const struct api_route api_routes_v3[] = {
     {"POST", "/api/3/sessions/{id}/clients", RC, 3, v3_add_client},
     {"GET", "/api/3/sessions/{id}/faults", CS, 3, v3_faults},
     {"PUT", "/api/3/sessions/{id}/faults", RC, 3, v3_faults},
-    {"GET", "/api/3/config", RC, 3, v3_config_get},
-    {"PUT", "/api/3/config", RC, 3, v3_config_put},
-    {"POST", "/api/3/config/reload", RC, 3, v3_config_reload},
     {"GET", "/api/3/capture", EZP_PERM_CAPTURE, 3, v3_capture},
-    {"GET", "/api/3/keys", EZP_PERM_MAKE_KEYS, 3, v3_keys},
-    {"POST", "/api/3/keys", EZP_PERM_MAKE_KEYS, 3, v3_key_create},
-    {"GET", "/api/3/keys/self", 0, 3, v3_key_self},
-    {"DELETE", "/api/3/keys/{id}", EZP_PERM_MAKE_KEYS, 3, v3_key_delete},
     {"GET", "/api/3/socket", EZP_PERM_USE_WEBSOCKET, 3, v3_socket},
     {NULL, NULL, 0, 0, NULL},
 };

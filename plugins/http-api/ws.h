@@ -5,8 +5,8 @@
  *             the bounded outgoing queue, lifecycle and revocation
  *   ws_v3.c   the v3 socket protocol (/api/3/socket: watch and filter)
  *   ws_v2.c   the old /api/2/socket protocol
- *             and the held packets of a filtering socket (shared with v2)
- *   ws_msg.c  pure parsers of client messages (jansson only; fuzzed alone)
+ *   ws_hold.c the held packets of a filtering socket (both protocols)
+ *   ws_msg.c  pure parsers of client messages (jansson and b64.c only; fuzzed)
  *
  * Thread: the service loop (api->w) unless a function says otherwise.
  */
@@ -18,6 +18,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "b64.h"
 
 /* ---- client messages (ws_msg.c): no MHD or core dependency ---- */
 
@@ -71,9 +73,6 @@ struct ws2_msg {
 /* 0 and *@out filled (ws2_msg_clear), or -1 with the old program's message. */
 int ws2_msg_parse(const char *text, size_t len, struct ws2_msg *out, char *msg, size_t msg_len);
 void ws2_msg_clear(struct ws2_msg *m);
-
-/* Strict standard base64 (padding optional). malloc'd (at least 1 byte), NULL if bad. */
-unsigned char *ws_b64_decode(const char *s, size_t n, size_t *out_len);
 
 #ifndef WS_MSG_ONLY
 #include "api.h"
@@ -172,7 +171,7 @@ void ws_ref(struct ws_conn *c);
 /* Thread: the service loop (the last unref frees). */
 void ws_unref(struct ws_conn *c);
 
-/* ---- helpers shared by v3 and v2 (ws_v3.c) ---- */
+/* ---- held packets of a filtering socket, both protocols (ws_hold.c) ---- */
 
 /* Why ws_hold_take refused a verdict. */
 enum ws_hold_miss { WS_HOLD_UNKNOWN = 1, WS_HOLD_ANSWERED = 2, WS_HOLD_EXPIRED = 3 };
@@ -229,8 +228,21 @@ void ws_hold_session_closed(struct ws_hold *hd, uint64_t session_id);
 void ws_hold_stop(struct ws_hold *hd);
 void ws_hold_free(struct ws_hold *hd);
 
+/* ---- helpers shared by v3 and v2 (ws_v3.c) ---- */
+
 /* Transport of a pipeline ("tcp", "udp", ...), cached per socket; "" when unknown. */
 const char *ws_pipeline_transport(struct api *api, json_t **cache, const char *pipeline);
+/* Close every session of @pipeline (NULL: all); one already gone is no error. */
+void ws_close_sessions(struct api *api, const char *pipeline);
+/* The start of both protocols' state (c->ps, malloc'd). */
+struct ws_proto_base {
+	struct ezp_tap *tap;
+	json_t *transports; /* pipeline -> transport (ws_pipeline_transport's cache) */
+};
+/* The .stop of both: unsubscribe the tap and release the claims (ws_hold_stop). */
+void ws_proto_stop(struct ws_conn *c);
+/* Free the held packets (ws_hold_free), the cache and c->ps; the .free of v2. */
+void ws_proto_free(struct ws_conn *c);
 
 #endif /* WS_MSG_ONLY */
 #endif

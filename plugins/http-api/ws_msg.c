@@ -2,11 +2,9 @@
  * ws_msg.c - pure parsers of WebSocket client messages: v3 {type: verdict |
  * inject | close, ...} and the old v2 {Type, Target, Data, Extra}. Untrusted
  * bytes in, plain structs or an error naming the field out. Depends on
- * jansson and libcrypto only (no MHD, no core), so tests/fuzz/fuzz_ws.c
- * links it alone. Thread: any (no shared state).
+ * jansson and b64.c only (no MHD, no core), so tests/fuzz/fuzz_ws.c links
+ * the two alone. Thread: any (no shared state).
  */
-#include <ctype.h>
-#include <openssl/evp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,47 +15,6 @@
 #include "ws.h"
 
 #define PIPELINE_NAME_MAX 71
-
-static bool b64_char(unsigned char ch)
-{
-	return isalnum(ch) || ch == '+' || ch == '/';
-}
-
-unsigned char *ws_b64_decode(const char *s, size_t n, size_t *out_len)
-{
-	char *padded = NULL;
-	unsigned char *out = NULL;
-	size_t body = n, pad = 0, full;
-	int got;
-
-	while (body > 0 && s[body - 1] == '=' && pad < 2) {
-		body--;
-		pad++;
-	}
-	for (size_t i = 0; i < body; i++)
-		if (!b64_char((unsigned char)s[i]))
-			goto fail;
-	if (body % 4 == 1 || (pad && (body + pad) % 4))
-		goto fail;
-	full = (body + 3) / 4 * 4;
-	padded = malloc(full + 1);
-	out = malloc(full / 4 * 3 + 1);
-	if (!padded || !out)
-		goto fail;
-	memcpy(padded, s, body);
-	memset(padded + body, '=', full - body);
-	padded[full] = '\0';
-	got = full ? EVP_DecodeBlock(out, (const unsigned char *)padded, (int)full) : 0;
-	if (got < 0)
-		goto fail;
-	free(padded);
-	*out_len = (size_t)got - (full - body);
-	return out;
-fail:
-	free(padded);
-	free(out);
-	return NULL;
-}
 
 /* ---- v3 ---- */
 
@@ -85,7 +42,7 @@ static int get_data(json_t *o, const char *key, const char *what, unsigned char 
 		return refuse(err, "missing_field", "%s needs `%s` (base64)", what, key);
 	if (!json_is_string(v))
 		return refuse(err, "bad_field", "`%s` must be a base64 string", key);
-	*data = ws_b64_decode(json_string_value(v), json_string_length(v), len);
+	*data = api_b64_decode_n(json_string_value(v), json_string_length(v), len);
 	if (!*data)
 		return refuse(err, "bad_field", "`%s` is not valid base64", key);
 	return 0;
@@ -295,7 +252,8 @@ int ws2_msg_parse(const char *text, size_t len, struct ws2_msg *out, char *msg, 
 				continue;
 			if (!json_is_string(v))
 				goto fail;
-			m.data = ws_b64_decode(json_string_value(v), json_string_length(v), &m.len);
+			m.data =
+			    api_b64_decode_n(json_string_value(v), json_string_length(v), &m.len);
 			if (!m.data)
 				goto fail;
 		}

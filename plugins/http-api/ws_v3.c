@@ -3,7 +3,8 @@
  * watch mode (a tap: packet and session frames, `lagged`) and filter mode
  * (the socket holds the `remote` filter: held packets are sent with
  * verdict_required and answered by `verdict`), `inject` and `close`.
- * The held packets themselves are kept by ws_hold_* (ws_v2.c).
+ * The held packets themselves are kept by ws_hold_* (ws_hold.c). Also
+ * what v3 and v2 share: the transport cache, stopping and freeing.
  * Thread: the service loop.
  */
 #include <stdarg.h>
@@ -16,11 +17,10 @@
 enum { V3_WATCH = 0, V3_FILTER = 1 };
 
 struct v3 {
+	struct ws_proto_base base; /* first: the tap and the transport cache */
 	int mode;
 	char *pipeline; /* ?pipeline=, or NULL for all */
-	struct ezp_tap *tap;
-	json_t *transports; /* pipeline -> transport cache */
-	uint64_t seq;	    /* watch mode: the last packet frame's seq */
+	uint64_t seq;	/* watch mode: the last packet frame's seq */
 };
 
 static void v3_error(struct ws_conn *c, const char *code, json_t *ref, const char *fmt, ...)
@@ -141,8 +141,8 @@ static void v3_on_event(void *userdata, const struct ezp_tap_event *ev)
 	seq = c->hold ? ws_hold_next_seq(c->hold) : ++v->seq;
 	ws_send_json(c,
 		     v3_packet(seq, ev->pipeline, ev->session_id,
-			       ws_pipeline_transport(c->api, &v->transports, ev->pipeline), pkt,
-			       &ev->src, &ev->dst, ev->flags, false),
+			       ws_pipeline_transport(c->api, &v->base.transports, ev->pipeline),
+			       pkt, &ev->src, &ev->dst, ev->flags, false),
 		     WS_EVENT);
 }
 
@@ -231,8 +231,8 @@ static int v3_subscribe(struct ws_conn *c, struct api_req *r)
 	    .on_lagged = v3_on_lagged,
 	};
 
-	if (api->core->tap_subscribe(api->ctx, &to, &v->tap) != EZP_OK) {
-		v->tap = NULL;
+	if (api->core->tap_subscribe(api->ctx, &to, &v->base.tap) != EZP_OK) {
+		v->base.tap = NULL;
 		api_error(r, 500, "internal", "cannot watch the pipelines");
 		return -1;
 	}
@@ -339,14 +339,7 @@ static void v3_all(struct ws_conn *c, struct ws3_msg *m)
 		return;
 	}
 	if (m->type == WS3_CLOSE) {
-		struct ezp_session_summary *ss = NULL;
-		if (api->ctl->sessions(api->ctx, only, &ss, &n) != EZP_OK)
-			return;
-		for (size_t i = 0; i < n; i++) {
-			struct ezp_error err = {0};
-			(void)api->ctl->session_close(api->ctx, ss[i].id, &err); /* gone: fine */
-		}
-		free(ss);
+		ws_close_sessions(api, only);
 		return;
 	}
 	if (api->ctl->pipelines(api->ctx, &ps, &n) != EZP_OK)
@@ -409,30 +402,13 @@ static void v3_message(struct ws_conn *c, const uint8_t *text, size_t len, bool 
 	ws3_msg_clear(&m);
 }
 
-static void v3_stop(struct ws_conn *c)
-{
-	struct v3 *v = c->ps;
-
-	if (v && v->tap) {
-		c->api->core->tap_unsubscribe(v->tap);
-		v->tap = NULL;
-	}
-	if (c->hold)
-		ws_hold_stop(c->hold);
-}
-
 static void v3_free(struct ws_conn *c)
 {
 	struct v3 *v = c->ps;
+	char *pipeline = v ? v->pipeline : NULL;
 
-	ws_hold_free(c->hold);
-	c->hold = NULL;
-	if (v) {
-		free(v->pipeline);
-		json_decref(v->transports);
-		free(v);
-	}
-	c->ps = NULL;
+	ws_proto_free(c);
+	free(pipeline);
 }
 
 const struct ws_proto ws_proto_v3 = {
@@ -440,6 +416,66 @@ const struct ws_proto ws_proto_v3 = {
     .open = v3_open,
     .message = v3_message,
     .lagged = v3_lagged,
-    .stop = v3_stop,
+    .stop = ws_proto_stop,
     .free = v3_free,
 };
+
+/* ---- shared with v2 ---- */
+
+const char *ws_pipeline_transport(struct api *api, json_t **cache, const char *pipeline)
+{
+	json_t *v = *cache ? json_object_get(*cache, pipeline) : NULL;
+	struct ezp_pipeline_stats *ps = NULL;
+	size_t n = 0;
+
+	if (v)
+		return json_string_value(v);
+	if (!*cache)
+		*cache = json_object();
+	if (*cache && api->ctl->pipelines(api->ctx, &ps, &n) == EZP_OK) {
+		for (size_t i = 0; i < n; i++)
+			json_object_set_new(*cache, ps[i].name, json_string(ps[i].from_kind));
+		free(ps);
+	}
+	v = *cache ? json_object_get(*cache, pipeline) : NULL;
+	return v ? json_string_value(v) : "";
+}
+
+void ws_close_sessions(struct api *api, const char *pipeline)
+{
+	struct ezp_session_summary *ss = NULL;
+	size_t n = 0;
+
+	if (api->ctl->sessions(api->ctx, pipeline, &ss, &n) != EZP_OK)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		struct ezp_error err = {0};
+		(void)api->ctl->session_close(api->ctx, ss[i].id, &err); /* gone: fine */
+	}
+	free(ss);
+}
+
+void ws_proto_stop(struct ws_conn *c)
+{
+	struct ws_proto_base *b = c->ps;
+
+	if (b && b->tap) {
+		c->api->core->tap_unsubscribe(b->tap);
+		b->tap = NULL;
+	}
+	if (c->hold)
+		ws_hold_stop(c->hold);
+}
+
+void ws_proto_free(struct ws_conn *c)
+{
+	struct ws_proto_base *b = c->ps;
+
+	ws_hold_free(c->hold);
+	c->hold = NULL;
+	if (b) {
+		json_decref(b->transports);
+		free(b);
+	}
+	c->ps = NULL;
+}

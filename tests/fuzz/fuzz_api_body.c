@@ -6,7 +6,8 @@
  * -> JSON unchanged; the JSON shapes of core structs filled with arbitrary
  * bytes must not read out of bounds.
  * Build: clang -g -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Isdk/include \
- *          plugins/http-api/bodies.c plugins/http-api/yamljson.c \
+ *          plugins/http-api/bodies.c plugins/http-api/bodies_old.c \
+ *          plugins/http-api/yamljson.c plugins/http-api/b64.c \
  *          tests/fuzz/fuzz_api_body.c -lyaml -ljansson -lcrypto
  * Thread: libFuzzer's.
  */

@@ -2,9 +2,9 @@
  * fuzz_ws.c - libFuzzer target for the WebSocket client-message parsers
  * (plugins/http-api/ws_msg.c): any bytes must parse or be refused cleanly,
  * as a v3 message {type, ...} and as an old v2 message {Type, Target, Data,
- * Extra}, and the base64 decoder must agree with a re-encode.
+ * Extra}, and the base64 decoder (b64.c) must agree with a re-encode.
  * Build: clang -g -fsanitize=fuzzer,address,undefined -Isdk/include \
- *          -Iplugins/http-api plugins/http-api/ws_msg.c \
+ *          -Iplugins/http-api plugins/http-api/ws_msg.c plugins/http-api/b64.c \
  *          tests/fuzz/fuzz_ws.c -ljansson -lcrypto
  * Thread: libFuzzer's.
  */
@@ -61,7 +61,7 @@ static void check_v2(const char *text, size_t len)
 static void check_b64(const char *text, size_t len)
 {
 	size_t n = 0;
-	unsigned char *out = ws_b64_decode(text, len, &n);
+	unsigned char *out = api_b64_decode_n(text, len, &n);
 	char *again;
 	size_t body = len;
 
