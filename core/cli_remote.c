@@ -30,17 +30,13 @@ static const char *const perm_names[] = EZP_PERM_NAMES;
 
 /* ---- finding the daemon and the key ---- */
 
-/* As the daemon resolves it (core/service.c): /var/lib/ezproxy as root, else per user. */
+/* As the daemon resolves it (core/service.c). */
 static void default_state_dir(char *out, size_t n)
 {
-	const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+	char *dir = ezp__state_dir_resolve(NULL);
 
-	if (geteuid() == 0)
-		snprintf(out, n, "/var/lib/ezproxy");
-	else if (xdg && *xdg)
-		snprintf(out, n, "%s/ezproxy", xdg);
-	else
-		snprintf(out, n, "%s/.local/state/ezproxy", home && *home ? home : ".");
+	snprintf(out, n, "%s", dir ? dir : "/var/lib/ezproxy");
+	free(dir);
 }
 
 /* Read up to @max bytes of @path, NUL-terminated. NULL with errno set on failure. */

@@ -48,13 +48,13 @@ fail:
 }
 
 /* The state directory: StateDir, or /var/lib/ezproxy as root, else per user. */
-static char *state_dir_resolve(const struct ezp__config *cfg)
+char *ezp__state_dir_resolve(const char *configured)
 {
 	const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
 	char buf[1024];
 
-	if (cfg->state_dir)
-		return strdup(cfg->state_dir);
+	if (configured)
+		return strdup(configured);
 	if (geteuid() == 0)
 		return strdup("/var/lib/ezproxy");
 	if (xdg && *xdg)
@@ -107,7 +107,7 @@ int ezp__services_start(struct ezp_core_ctx *d, struct ezp_error *err)
 	}
 	if (!a->enabled)
 		return EZP_OK;
-	d->state_dir = state_dir_resolve(d->cfg);
+	d->state_dir = ezp__state_dir_resolve(d->cfg->state_dir);
 	if (!d->state_dir) {
 		rc = ezp__error_set(err, EZP_ERR_NOMEM, EZP_SIDE_INTERNAL, "", 0, 0, "out of memory");
 		goto fail;
