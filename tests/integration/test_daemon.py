@@ -1221,6 +1221,7 @@ class T15Resources(Base):
         d = self.daemon(config(tcp_pipe('t', echo.port), tcp_pipe('x', bad),
                                udp_pipe('u', uecho.port, idle_ms=300)))
         fds = lambda: len(os.listdir('/proc/%d/fd' % d.proc.pid))  # noqa: E731
+        d.wait_line(r'ezproxy running')  # every loop (workers, service loop) is up
         base = fds()
         mark = d.mark()
         for i in range(300):
