@@ -446,6 +446,8 @@ static int ctl_config_replace(struct ezp_core_ctx *d, const char *yaml, int writ
 		rc = ezp__daemon_apply(d, cfg, err);
 		if (rc != EZP_OK)
 			ezp__config_free(cfg);
+		else
+			ezp__filters_reload(d);
 	}
 	if (rc == EZP_OK && write_back && d->config_path)
 		rc = write_atomic(d->config_path, yaml, err);

@@ -535,6 +535,8 @@ int ezp__filter_claim(struct ezp_core_ctx *d, const char *pipeline, const char *
 		      struct ezp_claim **out, struct ezp_error *err);
 /* Apply a new config as a diff (control thread). Takes @cfg on success. */
 int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ezp_error *err);
+/* Explicit reloads: every filter with a reload hook re-reads its files (each worker). */
+void ezp__filters_reload(struct ezp_core_ctx *d);
 /* Load @path and apply it; nothing changes when it is invalid. Logs the outcome. */
 int ezp__daemon_reload_file(struct ezp_core_ctx *d, const char *path, struct ezp_error *err);
 

@@ -378,6 +378,8 @@ int ezp_daemon_reload(struct ezp_daemon *dd, const char *yaml, const char *file,
 	rc = ezp__daemon_apply(d, cfg, err);
 	if (rc != EZP_OK)
 		ezp__config_free(cfg);
+	else
+		ezp__filters_reload(d);
 	pthread_mutex_unlock(&d->ctl_lock);
 	return rc;
 }
@@ -385,6 +387,48 @@ int ezp_daemon_reload(struct ezp_daemon *dd, const char *yaml, const char *file,
 char *ezp_daemon_config_dump(struct ezp_daemon *dd)
 {
 	return ezp__config_dump(((struct ezp_core_ctx *)dd)->cfg);
+}
+
+/* ---- explicit reloads: filters re-read their files ---- */
+
+struct reload_ctx {
+	struct ezp__pipe_gen **gens;
+	size_t n;
+};
+
+static void reload_worker(struct ezp_worker *w, void *arg)
+{
+	struct reload_ctx *rc = arg;
+
+	for (size_t i = 0; i < rc->n; i++) {
+		struct ezp__chain_def *c = rc->gens[i]->chain;
+		for (size_t k = 0; k < c->n; k++) {
+			const struct ezp_filter_kind *kind = c->stages[k].kind;
+			if (EZP_HAS(kind, reload) && kind->reload && c->stages[k].instances[w->index])
+				kind->reload(c->stages[k].instances[w->index]);
+		}
+	}
+}
+
+void ezp__filters_reload(struct ezp_core_ctx *d)
+{
+	struct reload_ctx rc = {0};
+	struct ezp__pipeline *p;
+	size_t n = 0;
+
+	if (!d->started)
+		return;
+	LIST_FOREACH(p, &d->pipelines, link)
+		n++;
+	rc.gens = calloc(n ? n : 1, sizeof(*rc.gens));
+	if (!rc.gens)
+		return;
+	LIST_FOREACH(p, &d->pipelines, link)
+		rc.gens[rc.n++] = ezp__pipeline_gen(p);
+	ezp__workers_each(d, reload_worker, &rc);
+	for (size_t i = 0; i < rc.n; i++)
+		ezp__gen_unref(rc.gens[i]);
+	free(rc.gens);
 }
 
 int ezp__daemon_reload_file(struct ezp_core_ctx *d, const char *path, struct ezp_error *err)
@@ -398,6 +442,8 @@ int ezp__daemon_reload_file(struct ezp_core_ctx *d, const char *path, struct ezp
 	rc = ezp__config_load(path, &lookup, &cfg, err);
 	if (rc == EZP_OK)
 		rc = ezp__daemon_apply(d, cfg, err);
+	if (rc == EZP_OK)
+		ezp__filters_reload(d);
 	if (rc != EZP_OK) {
 		ezp__config_free(cfg);
 		if (err->line)

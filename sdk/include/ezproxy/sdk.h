@@ -387,6 +387,12 @@ struct ezp_filter_kind {
 	int (*reconfigure)(void *instance, const void *config, struct ezp_error *err);
 	/* Thread: any, once no other callback of the instance can run. */
 	void (*destroy)(void *instance);
+	/*
+	 * Optional. Thread: worker. An explicit reload (SIGHUP, the API's
+	 * config reload or replace) kept this filter's config unchanged:
+	 * re-read whatever the filter reads from files (a script).
+	 */
+	void (*reload)(void *instance);
 };
 
 /*
