@@ -1062,6 +1062,122 @@ def print_api_table(summary: dict, out=sys.stdout):
           file=out)
 
 
+# --------------------------------------------------------------------------- Lua (--lua)
+#
+# DESIGN.md section 14's Lua target, ezproxy only: 64-byte TCP request/response through a
+# pipeline whose Through is one `lua` filter running a trivial EzpFilter that returns true, as
+# a ratio to the same pipeline without the filter, in the same daemon and round (target <= 1.5x).
+# The daemon, the load client and the echo server are pinned to --pin-cpu, as for the other
+# round trips; the order (no filter first / lua first) alternates between rounds.
+
+LUA_ROWS = {
+    # row -> (label, fmt, target text)
+    "lua_rr_plain_p50_us": ("TCP 64B rr, no filter p50, us", "{:.1f}", ""),
+    "lua_rr_plain_p99_us": ("TCP 64B rr, no filter p99, us", "{:.1f}", ""),
+    "lua_rr_lua_p50_us": ("TCP 64B rr, trivial lua filter p50, us", "{:.1f}", ""),
+    "lua_rr_lua_p99_us": ("TCP 64B rr, trivial lua filter p99, us", "{:.1f}", ""),
+    "lua_ratio_p50": ("  lua / no filter p50", "{:.2f}", "<= 1.5"),
+    "lua_ratio_p99": ("  lua / no filter p99", "{:.2f}", ""),
+}
+LUA_TRIVIAL = """-- bench: the trivial filter of DESIGN.md section 14
+local seen = false
+function EzpFilter(ezp, pkt)
+  if not seen then
+    seen = true
+    log(LEVEL_INFO, "bench: lua filter active")
+  end
+  return true
+end
+"""
+
+
+class LuaRuns:
+    """The --lua measurement of one round, on a fresh daemon with two pipelines."""
+
+    def __init__(self, b: "Bench"):
+        self.b = b
+
+    def run(self, rnd: int) -> tuple[dict, dict]:
+        try:
+            return self.m_rr(rnd), {}
+        except (BenchError, OSError, ValueError, KeyError) as e:
+            log(f"  lua rr: FAILED: {type(e).__name__}: {e}")
+            return {}, {"lua_rr": str(e)}
+
+    def m_rr(self, rnd: int) -> dict:
+        b = self.b
+        b.cfgn += 1
+        name = f"ezproxy-lua-{b.cfgn}"
+        d = b.tmp / name
+        d.mkdir(mode=0o700)
+        script = d / "trivial.lua"
+        script.write_text(LUA_TRIVIAL)
+        plain, lua = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+        echo = b.backends["echo_tcp_pinned"]
+        conf = d / "ezproxy.yaml"
+        conf.write_text("Logging: {Level: info}\n"
+                        "Pipelines:\n"
+                        f"  - Name: plain\n"
+                        f"    From: {{ tcp: {{ Listen: 127.0.0.1:{plain} }} }}\n"
+                        f"    To: {{ tcp: {{ Connect: 127.0.0.1:{echo} }} }}\n"
+                        f"  - Name: lua\n"
+                        f"    From: {{ tcp: {{ Listen: 127.0.0.1:{lua} }} }}\n"
+                        f"    Through: [ {{ lua: {{ Script: {script} }} }} ]\n"
+                        f"    To: {{ tcp: {{ Connect: 127.0.0.1:{echo} }} }}\n")
+        p = b.procs.start([b.ezproxy_bin(), "run", "-c", str(conf)], name, pin=b.pin)
+        out: dict = {}
+        try:
+            tcp_ready(plain, [p])
+            tcp_ready(lua, [p])
+            maxs = 60 if b.a.quick else 180
+
+            def rr(tag: str, port: int):
+                r = b.run_load(["rr", "--tcp", "--connect", f"127.0.0.1:{port}", "--count",
+                                str(b.rr_count), "--size", "64", "--max-seconds", str(maxs)],
+                               timeout=maxs + 20, pin=b.pin)
+                out[f"lua_rr_{tag}_p50_us"] = r["p50_us"]
+                out[f"lua_rr_{tag}_p99_us"] = r["p99_us"]
+
+            runs = [("plain", plain), ("lua", lua)]
+            for tag, port in (runs if rnd % 2 == 0 else runs[::-1]):
+                rr(tag, port)
+            if "lua filter active" not in p.bench_log.read_text(errors="replace"):
+                raise BenchError(f"the lua filter saw no packet: {tail(p.bench_log)}")
+            for q in ("p50", "p99"):
+                base = out[f"lua_rr_plain_{q}_us"]
+                out[f"lua_ratio_{q}"] = round(out[f"lua_rr_lua_{q}_us"] / base, 3) if base else None
+            return out
+        finally:
+            b.procs.stop(p)
+
+
+def lua_summary(rounds: list[dict]) -> dict:
+    summary = {}
+    for row, (label, _, target) in LUA_ROWS.items():
+        vals = [r["lua"].get(row) for r in rounds if isinstance(r.get("lua"), dict)]
+        summary[row] = {"label": label, "median": median(vals), "per_round": vals, "target": target}
+    if summary["lua_ratio_p50"]["median"] is not None:
+        summary["lua_ratio_p50"]["met"] = summary["lua_ratio_p50"]["median"] <= 1.5
+    return summary
+
+
+def print_lua_table(summary: dict, out=sys.stdout):
+    head = ["Lua (ezproxy only)", "median", "per round", "target", "met?"]
+    body = []
+    for row, s in summary.items():
+        f = LUA_ROWS[row][1]
+        med = s["median"]
+        body.append([s["label"], f.format(med) if med is not None else "n/a",
+                     " ".join(f.format(v) if v is not None else "-" for v in s["per_round"]),
+                     s["target"], {True: "yes", False: "NO", None: ""}[s.get("met")]])
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    for cells in [head, ["-" * w for w in widths], *body]:
+        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                        for i, c in enumerate(cells)), file=out)
+    print("\nratios per round, then the median over rounds; both pipelines in one daemon, pinned "
+          "to one CPU with the client and the echo server.", file=out)
+
+
 # --------------------------------------------------------------------------- summary
 
 def median(xs):
@@ -1159,9 +1275,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 round, short durations (< 2 minutes)")
     ap.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
-    ap.add_argument("--only", help="comma list of: " + ", ".join(GROUP_ORDER) + ", api (aliases: rr, bulk1, bulk8, ...)")
+    ap.add_argument("--only", help="comma list of: " + ", ".join(GROUP_ORDER) + ", api, lua (aliases: rr, bulk1, bulk8, ...)")
     ap.add_argument("--api", action="store_true", help="also run the API benchmarks (WebSocket watcher, "
                     "remote WebSocket filter; ezproxy only). `--only api` runs just those")
+    ap.add_argument("--lua", action="store_true", help="also run the Lua benchmark (64-byte TCP rr "
+                    "through a trivial lua filter / no filter; ezproxy only). `--only lua` runs just that")
     ap.add_argument("--api-udp-rate", type=int, default=10000, help="UDP packets/s with a watcher (10000)")
     ap.add_argument("--api-udp-seconds", type=float, default=3.0, help="how long to send them (3)")
     ap.add_argument("--configs", help="comma list of configurations (default: all of " + ", ".join(CONFIGS) + ")")
@@ -1195,6 +1313,9 @@ def parse_args(argv=None):
             tok = tok.strip().lower()
             if tok in ("api", "ws", "websocket"):
                 a.api = True
+                continue
+            if tok in ("lua", "lua_rr"):
+                a.lua = True
                 continue
             g = ALIASES.get(tok, tok)
             for x in (g if isinstance(g, list) else [g]):
@@ -1263,6 +1384,13 @@ def main(argv=None) -> int:
             else:
                 b.ws_tool = build_ws_tool(tmp, a.compile)
                 log(f"ezp-bench: WebSocket client {b.ws_tool}")
+        run_lua = a.lua
+        if run_lua:
+            why = ("the ezproxy column is a stub" if a.ezproxy_stub else
+                   None if b.ezproxy_bin() else f"no binary at {a.ezproxy}")
+            if why:
+                log(f"ezp-bench: lua: n/a ({why})")
+                run_lua = False
         for c in (a.config_list if a.groups else []):
             why = b.available(c)
             if why:
@@ -1275,7 +1403,7 @@ def main(argv=None) -> int:
         for rnd in range(a.rounds):
             k = rnd % len(configs) if configs else 0
             order = configs[k:] + configs[:k]
-            log(f"ezp-bench: round {rnd + 1}/{a.rounds}: {' '.join(order + (['api'] if run_api else []))}")
+            log(f"ezp-bench: round {rnd + 1}/{a.rounds}: {' '.join(order + (['api'] if run_api else []) + (['lua'] if run_lua else []))}")
             rr = {"round": rnd + 1, "order": order, "results": {}, "notes": {}, "errors": {},
                   "cpu_busy_before": cpu_busy(0.3)}
             for cfg in order:
@@ -1303,9 +1431,16 @@ def main(argv=None) -> int:
                 failures += len(rr["api_errors"])
                 brief = ", ".join(f"{k}={v}" for k, v in rr["api"].items() if not k.startswith("_"))
                 log(f"  api      ({time.monotonic() - t0:4.1f}s) {brief}")
+            if run_lua:
+                t0 = time.monotonic()
+                rr["lua"], rr["lua_errors"] = LuaRuns(b).run(rnd)
+                failures += len(rr["lua_errors"])
+                brief = ", ".join(f"{k}={v}" for k, v in rr["lua"].items() if not k.startswith("_"))
+                log(f"  lua      ({time.monotonic() - t0:4.1f}s) {brief}")
             rounds.append(rr)
         summary = summarize(rounds, rows, configs)
         api_sum = api_summary(rounds) if run_api else None
+        lua_sum = lua_summary(rounds) if run_lua else None
         load_at_end = busy_warning("at the end")
         elapsed = time.monotonic() - t_start
         print()
@@ -1319,6 +1454,9 @@ def main(argv=None) -> int:
             print()
         if api_sum:
             print_api_table(api_sum)
+            print()
+        if lua_sum:
+            print_lua_table(lua_sum)
             print()
         print(f"round trips pinned to CPU {a.pin_cpu} (client, proxy, echo server); throughput unpinned. "
               f"took {elapsed:.0f}s")
@@ -1346,6 +1484,8 @@ def main(argv=None) -> int:
             doc = {"meta": meta, "rounds": rounds, "summary": summary}
             if api_sum:
                 doc["api_summary"] = api_sum
+            if lua_sum:
+                doc["lua_summary"] = lua_sum
             Path(a.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
             log(f"ezp-bench: wrote {a.json}")
         if failures:
