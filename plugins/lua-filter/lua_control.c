@@ -1,0 +1,303 @@
+/*
+ * lua_control.c - the plugin's own thread for calls that must wait: the
+ * core's "ezp.control" functions (swap a session's server, delete the
+ * pipeline for ezp.close(-2), read the pipeline's addresses) block until a
+ * worker answers, so no worker and no script may call them directly.
+ * Scripts queue jobs here; main mode may wait for the answer.
+ * Thread: lf_control_* are called from any thread; jobs run on the plugin's
+ * control thread, started on first use and joined in the plugin's fini.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "lua_filter.h"
+
+enum lf_job_kind { LF_JOB_SWAP, LF_JOB_DELETE, LF_JOB_ADDRS };
+
+struct lf_waiter {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int done, rc, refs; /* refs: the job's and the caller's */
+	char why[512];
+};
+
+static void lf_waiter_unref(struct lf_waiter *w)
+{
+	int last;
+
+	pthread_mutex_lock(&w->lock);
+	last = --w->refs == 0;
+	pthread_mutex_unlock(&w->lock);
+	if (!last)
+		return;
+	pthread_cond_destroy(&w->cond);
+	pthread_mutex_destroy(&w->lock);
+	free(w);
+}
+
+struct lf_job {
+	int kind;
+	struct lf_group *group; /* ref'd */
+	uint64_t id;
+	char addr[256];
+	int tries;
+	uint64_t not_before_ms;
+	struct lf_waiter *waiter;
+	struct lf_job *next;
+};
+
+static pthread_mutex_t lf_ctl_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t lf_ctl_cond = PTHREAD_COND_INITIALIZER;
+static struct lf_job *lf_jobs;
+static pthread_t lf_ctl_thread;
+static int lf_ctl_running, lf_ctl_stopping;
+
+static uint64_t lf_mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void lf_job_finish(struct lf_job *j, int rc, const char *why)
+{
+	if (j->waiter) {
+		pthread_mutex_lock(&j->waiter->lock);
+		j->waiter->rc = rc;
+		snprintf(j->waiter->why, sizeof(j->waiter->why), "%s", why ? why : "");
+		j->waiter->done = 1;
+		pthread_cond_signal(&j->waiter->cond);
+		pthread_mutex_unlock(&j->waiter->lock);
+		lf_waiter_unref(j->waiter);
+	}
+	lf_group_put(j->group);
+	free(j);
+}
+
+/* Returns 1 when the job should run again later. */
+static int lf_job_run(struct lf_job *j)
+{
+	struct lf_group *g = j->group;
+	const struct ezp_control *c = g->control;
+	struct ezp_error err;
+	int rc;
+
+	memset(&err, 0, sizeof(err));
+	if (!c) {
+		lf_job_finish(j, EZP_ERR_UNSUPPORTED, "the core offers no control interface");
+		return 0;
+	}
+	switch (j->kind) {
+	case LF_JOB_SWAP:
+		rc = c->session_swap_server(g->core->ctx, j->id, j->addr, &err);
+		if (rc != EZP_OK && !j->waiter)
+			g->core->log(EZP_LOG_WARN, LF_SRC, "set_server(%lu, %s) failed: %s",
+				     (unsigned long)j->id, j->addr, err.message);
+		lf_job_finish(j, rc, err.message);
+		return 0;
+	case LF_JOB_DELETE:
+		rc = c->pipeline_delete(g->core->ctx, g->pipeline, &err);
+		if (rc != EZP_OK)
+			g->core->log(EZP_LOG_WARN, LF_SRC, "close(-2) of pipeline %s failed: %s",
+				     g->pipeline, err.message);
+		else
+			g->core->log(EZP_LOG_INFO, LF_SRC, "pipeline %s closed by its script",
+				     g->pipeline);
+		lf_job_finish(j, rc, err.message);
+		return 0;
+	default: {
+		struct ezp_pipeline_stats st;
+		char to[EZP_ADDR_STRLEN] = "", bound[EZP_ADDR_STRLEN] = "";
+		memset(&st, 0, sizeof(st));
+		st.struct_size = sizeof(st);
+		rc = c->pipeline_stats(g->core->ctx, g->pipeline, &st);
+		if (rc != EZP_OK) /* not applied yet (starting): try again for a while */
+			return ++j->tries < 50;
+		if (st.to_addr.len)
+			g->core->addr_format(&st.to_addr, to, sizeof(to));
+		if (st.bound.len)
+			g->core->addr_format(&st.bound, bound, sizeof(bound));
+		pthread_mutex_lock(&g->lock);
+		memcpy(g->to_addr, to, sizeof(to));
+		memcpy(g->bound_addr, bound, sizeof(bound));
+		pthread_mutex_unlock(&g->lock);
+		if (!st.bound.len && ++j->tries < 50)
+			return 1; /* the listener is not bound yet */
+		lf_job_finish(j, EZP_OK, NULL);
+		return 0;
+	}
+	}
+}
+
+static void *lf_ctl_main(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&lf_ctl_lock);
+	for (;;) {
+		struct lf_job *j, **pp, *ready = NULL;
+		uint64_t now = lf_mono_ms(), next = UINT64_MAX;
+
+		for (pp = &lf_jobs; (j = *pp); pp = &j->next) {
+			if (lf_ctl_stopping || j->not_before_ms <= now) {
+				*pp = j->next;
+				ready = j;
+				break;
+			}
+			if (j->not_before_ms < next)
+				next = j->not_before_ms;
+		}
+		if (ready) {
+			pthread_mutex_unlock(&lf_ctl_lock);
+			if (lf_ctl_stopping)
+				lf_job_finish(ready, EZP_ERR_CLOSED, "the plugin is stopping");
+			else if (lf_job_run(ready)) {
+				ready->not_before_ms = lf_mono_ms() + 100;
+				pthread_mutex_lock(&lf_ctl_lock);
+				ready->next = lf_jobs;
+				lf_jobs = ready;
+				continue;
+			}
+			pthread_mutex_lock(&lf_ctl_lock);
+			continue;
+		}
+		if (lf_ctl_stopping)
+			break;
+		if (next == UINT64_MAX) {
+			pthread_cond_wait(&lf_ctl_cond, &lf_ctl_lock);
+		} else {
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			uint64_t ns = (uint64_t)ts.tv_nsec + (next - now) * 1000000u;
+			ts.tv_sec += (time_t)(ns / 1000000000u);
+			ts.tv_nsec = (long)(ns % 1000000000u);
+			pthread_cond_timedwait(&lf_ctl_cond, &lf_ctl_lock, &ts);
+		}
+	}
+	pthread_mutex_unlock(&lf_ctl_lock);
+	return NULL;
+}
+
+int lf_control_start(void)
+{
+	return EZP_OK; /* the thread starts on first use */
+}
+
+void lf_control_stop(void)
+{
+	pthread_mutex_lock(&lf_ctl_lock);
+	if (!lf_ctl_running) {
+		pthread_mutex_unlock(&lf_ctl_lock);
+		return;
+	}
+	lf_ctl_stopping = 1;
+	pthread_cond_signal(&lf_ctl_cond);
+	pthread_mutex_unlock(&lf_ctl_lock);
+	pthread_join(lf_ctl_thread, NULL);
+	lf_ctl_running = 0;
+	lf_ctl_stopping = 0;
+}
+
+static int lf_post(struct lf_group *g, int kind, uint64_t id, const char *addr,
+		   struct lf_waiter *w)
+{
+	struct lf_job *j = calloc(1, sizeof(*j));
+
+	if (!j)
+		return EZP_ERR_NOMEM;
+	j->kind = kind;
+	j->group = g;
+	j->id = id;
+	j->waiter = w;
+	if (addr && strlen(addr) >= sizeof(j->addr)) {
+		free(j);
+		return EZP_ERR_INVAL;
+	}
+	if (addr)
+		snprintf(j->addr, sizeof(j->addr), "%s", addr);
+	pthread_mutex_lock(&lf_ctl_lock);
+	if (lf_ctl_stopping) {
+		pthread_mutex_unlock(&lf_ctl_lock);
+		free(j);
+		return EZP_ERR_CLOSED;
+	}
+	if (!lf_ctl_running) {
+		if (pthread_create(&lf_ctl_thread, NULL, lf_ctl_main, NULL) != 0) {
+			pthread_mutex_unlock(&lf_ctl_lock);
+			free(j);
+			return EZP_ERR;
+		}
+		lf_ctl_running = 1;
+	}
+	lf_group_ref(g);
+	j->next = lf_jobs;
+	lf_jobs = j;
+	pthread_cond_signal(&lf_ctl_cond);
+	pthread_mutex_unlock(&lf_ctl_lock);
+	return EZP_OK;
+}
+
+int lf_control_swap_server(struct lf_group *g, uint64_t id, const char *addr)
+{
+	return lf_post(g, LF_JOB_SWAP, id, addr, NULL);
+}
+
+int lf_control_swap_server_wait(struct lf_group *g, uint64_t id, const char *addr,
+				const atomic_int *stop, char *why, size_t why_len)
+{
+	struct lf_waiter *w = calloc(1, sizeof(*w));
+	int rc;
+
+	if (!w) {
+		snprintf(why, why_len, "out of memory");
+		return EZP_ERR_NOMEM;
+	}
+	pthread_mutex_init(&w->lock, NULL);
+	pthread_cond_init(&w->cond, NULL);
+	w->refs = 2;
+	rc = lf_post(g, LF_JOB_SWAP, id, addr, w);
+	if (rc != EZP_OK) {
+		snprintf(why, why_len, "cannot queue the swap (status %d)", rc);
+		w->refs = 1;
+		lf_waiter_unref(w);
+		return rc;
+	}
+	pthread_mutex_lock(&w->lock);
+	while (!w->done && !atomic_load(stop)) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += 100000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&w->cond, &w->lock, &ts);
+	}
+	rc = w->done ? w->rc : EZP_ERR_CLOSED;
+	snprintf(why, why_len, "%s", w->done ? w->why : "the script is stopping");
+	pthread_mutex_unlock(&w->lock);
+	lf_waiter_unref(w);
+	return rc;
+}
+
+int lf_control_delete_pipeline(struct lf_group *g)
+{
+	return lf_post(g, LF_JOB_DELETE, 0, NULL, NULL);
+}
+
+void lf_control_refresh_addrs(struct lf_group *g)
+{
+	struct lf_job *j;
+
+	pthread_mutex_lock(&lf_ctl_lock);
+	for (j = lf_jobs; j; j = j->next) /* one refresh queued per group is enough */
+		if (j->group == g && j->kind == LF_JOB_ADDRS) {
+			pthread_mutex_unlock(&lf_ctl_lock);
+			return;
+		}
+	pthread_mutex_unlock(&lf_ctl_lock);
+	lf_post(g, LF_JOB_ADDRS, 0, NULL, NULL);
+}
