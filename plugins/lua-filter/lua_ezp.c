@@ -371,14 +371,19 @@ static int lf_ezp_get_packets(lua_State *L)
 	if (s->ref_packets != LUA_NOREF)
 		luaL_unref(L, LUA_REGISTRYINDEX, s->ref_packets);
 	s->ref_packets = LUA_NOREF;
-	if (lua_isnoneornil(L, b))
+	if (lua_isnoneornil(L, b)) {
+		if (s->main)
+			lf_main_set_wants(s->main, s);
 		return 0;
+	}
 	luaL_checktype(L, b, LUA_TFUNCTION);
 	lua_pushvalue(L, b);
 	lua_getinfo(L, ">u", &ar);
 	s->packets_two_args = ar.nparams >= 2; /* function(ezp, pkt) or function(pkt) */
 	lua_pushvalue(L, b);
 	s->ref_packets = luaL_ref(L, LUA_REGISTRYINDEX);
+	if (s->main)
+		lf_main_set_wants(s->main, s);
 	return 0;
 }
 

@@ -168,6 +168,8 @@ void lf_main_put(struct lf_main *m);
 /* Does the main script want packets (get_packets / EzpFilter / EzpOnPacket)? */
 int lf_main_wants_packets(struct lf_main *m);
 int lf_main_stopping(struct lf_main *m);
+/* Look again at what the script defines (after get_packets). Runner thread. */
+void lf_main_set_wants(struct lf_main *m, struct lf_script *s);
 /* Queue a held packet for the main thread. (pkt is ref'd inside.) */
 int lf_main_post_packet(struct lf_main *m, struct ezp_packet *pkt, uint64_t hold_id,
 			struct lf_entry *e);

@@ -46,7 +46,7 @@ struct lf_main {
 static pthread_mutex_t lf_mains_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct lf_main *lf_mains;
 
-static void lf_main_set_wants(struct lf_main *m, struct lf_script *s)
+void lf_main_set_wants(struct lf_main *m, struct lf_script *s)
 {
 	int fn = 0;
 

@@ -230,6 +230,22 @@ static int lf_g_disabled(lua_State *L)
 			  lua_tostring(L, lua_upvalueindex(1)));
 }
 
+/* io, debug, package and the removed os functions: a clear error on use */
+static int lf_g_missing(lua_State *L)
+{
+	return luaL_error(L, "%s.%s is not available in the sandbox (no io, os.execute, package, "
+			  "debug)", lua_tostring(L, lua_upvalueindex(1)), luaL_tolstring(L, 2, NULL));
+}
+
+static void lf_missing_mt(lua_State *L, const char *name)
+{
+	lua_newtable(L);
+	lua_pushstring(L, name);
+	lua_pushcclosure(L, lf_g_missing, 1);
+	lua_setfield(L, -2, "__index");
+	lua_setmetatable(L, -2);
+}
+
 static void lf_disable(lua_State *L, int table, const char *name, const char *shown)
 {
 	lua_pushstring(L, shown);
@@ -252,10 +268,14 @@ static void lf_open_libs(lua_State *L)
 		lua_pop(L, 1);
 	}
 	lua_pushglobaltable(L);
-	lua_pushnil(L);
-	lua_setfield(L, -2, "dofile");
-	lua_pushnil(L);
-	lua_setfield(L, -2, "loadfile");
+	lf_disable(L, lua_gettop(L), "dofile", "dofile");
+	lf_disable(L, lua_gettop(L), "loadfile", "loadfile");
+	for (int i = 0; i < 3; i++) {
+		static const char *const gone[] = {"io", "debug", "package"};
+		lua_newtable(L);
+		lf_missing_mt(L, gone[i]);
+		lua_setfield(L, -2, gone[i]);
+	}
 	lua_getfield(L, -1, "load");
 	lua_pushcclosure(L, lf_g_load, 1);
 	lua_setfield(L, -2, "load");
@@ -274,6 +294,7 @@ static void lf_open_libs(lua_State *L)
 		lua_setfield(L, -3, os_keep[i]);
 	}
 	lua_pop(L, 1);
+	lf_missing_mt(L, "os");
 	lua_setfield(L, -2, "os");
 	lua_pop(L, 1);
 	lf_pattern_open(L);
