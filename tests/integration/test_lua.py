@@ -107,14 +107,18 @@ class Client:
     def send(self, data):
         self.sock.sendall(data)
 
-    def recv(self, n, timeout=5.0):
-        return recv_exact(self.sock, n, Deadline(timeout))
+    def recv(self, n, timeout=5.0, why=''):
+        try:
+            return recv_exact(self.sock, n, Deadline(timeout))
+        except socket.timeout:
+            raise AssertionError('expected %d byte(s) within %.0f s, got none%s'
+                                 % (n, timeout, ': ' + why if why else '')) from None
 
-    def rt(self, data, expect=None, timeout=5.0):
+    def rt(self, data, expect=None, timeout=5.0, why=''):
         """Send @data, read len(expect) bytes back (default: the echo of data)."""
         expect = data if expect is None else expect
         self.send(data)
-        return self.recv(len(expect), timeout)
+        return self.recv(len(expect), timeout, why or 'sent %r' % data[:40])
 
     def eof(self, timeout=5.0):
         data, _, how = recv_until_eof(self.sock, Deadline(timeout))
@@ -137,13 +141,17 @@ class Udp:
     def send(self, data):
         self.sock.sendto(data, (HOST, self.port))
 
-    def recv(self, timeout=5.0):
+    def recv(self, timeout=5.0, why=''):
         self.sock.settimeout(timeout)
-        return self.sock.recvfrom(70000)[0]
+        try:
+            return self.sock.recvfrom(70000)[0]
+        except socket.timeout:
+            raise AssertionError('no datagram within %.0f s%s'
+                                 % (timeout, ': ' + why if why else '')) from None
 
-    def rt(self, data, timeout=5.0):
+    def rt(self, data, timeout=5.0, why=''):
         self.send(data)
-        return self.recv(timeout)
+        return self.recv(timeout, why or 'sent %r' % data[:40])
 
     def close(self):
         self.sock.close()
@@ -309,7 +317,9 @@ class T01Callback(LuaCase):
         self.wait(d, r'T:ONPKT 1 true a$')
         self.wait(d, r'T:ONPKT 2 false a$')
         # EzpOnPacket watches: its return value never drops a packet; true uninstalls it
-        self.assertEqual(c.rt(b'stop'), b'stop')
+        self.assertEqual(c.rt(b'stop', why='EzpOnPacket returned true and the packet was dropped; '
+                              'in the old program true uninstalls the callback, packets pass'),
+                         b'stop')
         self.wait(d, r'T:ONPKT 3 true stop$')
         mark = d.mark()
         self.assertEqual(c.rt(b'after'), b'after')
@@ -594,7 +604,8 @@ class T03Main(LuaCase):
         c = self.client(port)
         self.assertEqual(c.recv(7), b'WELCOME')
         # packets pass; get_packets sees both directions
-        self.assertEqual(c.rt(b'abc'), b'abc')
+        self.assertEqual(c.rt(b'abc', why='the get_packets callback returned false (keep '
+                              'watching) and the packet did not pass'), b'abc')
         self.wait(d, r'T:MPKT id=\d+ sb=true inj=false data=abc$')
         self.wait(d, r'T:MPKT id=\d+ sb=false inj=false data=abc$')
         # get_packets blocks until its callback returns true (the old program's contract)
