@@ -1,13 +1,14 @@
 /*
- * lua_control.c - the plugin's own thread for calls that must wait: the
- * core's "ezp.control" functions (swap a session's server, delete the
- * pipeline for ezp.close(-2), read the pipeline's addresses) block until a
- * worker answers, so no worker and no script may call them directly.
- * Scripts queue jobs here; main mode may wait for the answer.
- * Thread: lf_control_* are called from any thread; jobs run on the plugin's
- * control thread, started on first use and joined in the plugin's fini.
+ * lua_control.c - calls that must wait: the core's "ezp.control" functions
+ * (swap a session's server, delete the pipeline for ezp.close(-2), read the
+ * pipeline's addresses) block until a worker answers, so no worker and no
+ * script may call them directly. Scripts queue jobs here and each job runs
+ * on the core's service loop (ezp_control.service_worker), the thread those
+ * functions are made for, which the core stops before it tears a daemon
+ * down; main mode may wait for the answer. Jobs the service loop never ran
+ * (shutdown) are finished in the plugin's fini.
+ * Thread: lf_control_* from any thread; jobs on the service loop.
  */
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,25 +44,12 @@ struct lf_job {
 	struct lf_group *group; /* ref'd */
 	uint64_t id;
 	char addr[256];
-	int tries;
-	uint64_t not_before_ms;
 	struct lf_waiter *waiter;
 	struct lf_job *next;
 };
 
 static pthread_mutex_t lf_ctl_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t lf_ctl_cond = PTHREAD_COND_INITIALIZER;
 static struct lf_job *lf_jobs;
-static pthread_t lf_ctl_thread;
-static int lf_ctl_running, lf_ctl_stopping;
-
-static uint64_t lf_mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 static void lf_job_finish(struct lf_job *j, int rc, const char *why)
 {
@@ -115,8 +103,8 @@ static int lf_job_run(struct lf_job *j)
 		memset(&st, 0, sizeof(st));
 		st.struct_size = sizeof(st);
 		rc = c->pipeline_stats(g->core->ctx, g->pipeline, &st);
-		if (rc != EZP_OK) /* not applied yet (starting): try again for a while */
-			return ++j->tries < 50;
+		if (rc != EZP_OK) /* not applied yet (starting): asked again later */
+			return 1;
 		if (st.to_addr.len)
 			g->core->addr_format(&st.to_addr, to, sizeof(to));
 		if (st.bound.len)
@@ -125,7 +113,7 @@ static int lf_job_run(struct lf_job *j)
 		memcpy(g->to_addr, to, sizeof(to));
 		memcpy(g->bound_addr, bound, sizeof(bound));
 		pthread_mutex_unlock(&g->lock);
-		if (!st.bound.len && ++j->tries < 50)
+		if (!st.bound.len)
 			return 1; /* the listener is not bound yet */
 		lf_job_finish(j, EZP_OK, NULL);
 		return 0;
@@ -133,78 +121,48 @@ static int lf_job_run(struct lf_job *j)
 	}
 }
 
-static void *lf_ctl_main(void *arg)
+/* Run the oldest queued job of @arg's daemon. Thread: the service loop. */
+static void lf_kick(void *arg)
 {
-	(void)arg;
-	pthread_mutex_lock(&lf_ctl_lock);
-	for (;;) {
-		struct lf_job *j, **pp, *ready = NULL;
-		uint64_t now = lf_mono_ms(), next = UINT64_MAX;
+	const struct ezp_core *core = arg;
+	struct lf_job *j, **pp;
 
-		for (pp = &lf_jobs; (j = *pp); pp = &j->next) {
-			if (lf_ctl_stopping || j->not_before_ms <= now) {
-				*pp = j->next;
-				ready = j;
-				break;
-			}
-			if (j->not_before_ms < next)
-				next = j->not_before_ms;
-		}
-		if (ready) {
-			pthread_mutex_unlock(&lf_ctl_lock);
-			if (lf_ctl_stopping)
-				lf_job_finish(ready, EZP_ERR_CLOSED, "the plugin is stopping");
-			else if (lf_job_run(ready)) {
-				ready->not_before_ms = lf_mono_ms() + 100;
-				pthread_mutex_lock(&lf_ctl_lock);
-				ready->next = lf_jobs;
-				lf_jobs = ready;
-				continue;
-			}
-			pthread_mutex_lock(&lf_ctl_lock);
-			continue;
-		}
-		if (lf_ctl_stopping)
+	pthread_mutex_lock(&lf_ctl_lock);
+	for (pp = &lf_jobs; (j = *pp); pp = &j->next)
+		if (j->group->core == core)
 			break;
-		if (next == UINT64_MAX) {
-			pthread_cond_wait(&lf_ctl_cond, &lf_ctl_lock);
-		} else {
-			struct timespec ts;
-			clock_gettime(CLOCK_REALTIME, &ts);
-			uint64_t ns = (uint64_t)ts.tv_nsec + (next - now) * 1000000u;
-			ts.tv_sec += (time_t)(ns / 1000000000u);
-			ts.tv_nsec = (long)(ns % 1000000000u);
-			pthread_cond_timedwait(&lf_ctl_cond, &lf_ctl_lock, &ts);
-		}
-	}
+	if (j)
+		*pp = j->next;
 	pthread_mutex_unlock(&lf_ctl_lock);
-	return NULL;
+	if (j && lf_job_run(j))
+		lf_job_finish(j, EZP_ERR_AGAIN, "not known yet");
 }
 
 int lf_control_start(void)
 {
-	return EZP_OK; /* the thread starts on first use */
+	return EZP_OK;
 }
 
+/* The plugin's fini: every daemon using it has stopped; finish what never ran. */
 void lf_control_stop(void)
 {
+	struct lf_job *j;
+
 	pthread_mutex_lock(&lf_ctl_lock);
-	if (!lf_ctl_running) {
+	while ((j = lf_jobs)) {
+		lf_jobs = j->next;
 		pthread_mutex_unlock(&lf_ctl_lock);
-		return;
+		lf_job_finish(j, EZP_ERR_CLOSED, "the daemon is stopping");
+		pthread_mutex_lock(&lf_ctl_lock);
 	}
-	lf_ctl_stopping = 1;
-	pthread_cond_signal(&lf_ctl_cond);
 	pthread_mutex_unlock(&lf_ctl_lock);
-	pthread_join(lf_ctl_thread, NULL);
-	lf_ctl_running = 0;
-	lf_ctl_stopping = 0;
 }
 
 static int lf_post(struct lf_group *g, int kind, uint64_t id, const char *addr,
 		   struct lf_waiter *w)
 {
-	struct lf_job *j = calloc(1, sizeof(*j));
+	struct lf_job *j = calloc(1, sizeof(*j)), **pp;
+	struct ezp_worker *svc;
 
 	if (!j)
 		return EZP_ERR_NOMEM;
@@ -218,25 +176,20 @@ static int lf_post(struct lf_group *g, int kind, uint64_t id, const char *addr,
 	}
 	if (addr)
 		snprintf(j->addr, sizeof(j->addr), "%s", addr);
-	pthread_mutex_lock(&lf_ctl_lock);
-	if (lf_ctl_stopping) {
-		pthread_mutex_unlock(&lf_ctl_lock);
+	svc = g->control ? g->control->service_worker(g->core->ctx) : NULL;
+	if (!svc) {
 		free(j);
 		return EZP_ERR_CLOSED;
 	}
-	if (!lf_ctl_running) {
-		if (pthread_create(&lf_ctl_thread, NULL, lf_ctl_main, NULL) != 0) {
-			pthread_mutex_unlock(&lf_ctl_lock);
-			free(j);
-			return EZP_ERR;
-		}
-		lf_ctl_running = 1;
-	}
 	lf_group_ref(g);
-	j->next = lf_jobs;
-	lf_jobs = j;
-	pthread_cond_signal(&lf_ctl_cond);
+	pthread_mutex_lock(&lf_ctl_lock);
+	pp = &lf_jobs; /* FIFO */
+	while (*pp)
+		pp = &(*pp)->next;
+	*pp = j;
 	pthread_mutex_unlock(&lf_ctl_lock);
+	if (g->core->defer(svc, lf_kick, (void *)g->core) != EZP_OK)
+		return EZP_ERR_AGAIN; /* stays queued; finished in fini */
 	return EZP_OK;
 }
 
@@ -245,8 +198,14 @@ int lf_control_swap_server(struct lf_group *g, uint64_t id, const char *addr)
 	return lf_post(g, LF_JOB_SWAP, id, addr, NULL);
 }
 
-int lf_control_swap_server_wait(struct lf_group *g, uint64_t id, const char *addr,
-				const atomic_int *stop, char *why, size_t why_len)
+static int lf_stopping(struct lf_script *s)
+{
+	return atomic_load(&s->stop) || (s->main && lf_main_stopping(s->main));
+}
+
+/* Post a job and wait for it (or until @who's script is stopping). */
+static int lf_post_wait(struct lf_group *g, int kind, uint64_t id, const char *addr,
+			struct lf_script *who, char *why, size_t why_len)
 {
 	struct lf_waiter *w = calloc(1, sizeof(*w));
 	int rc;
@@ -258,18 +217,18 @@ int lf_control_swap_server_wait(struct lf_group *g, uint64_t id, const char *add
 	pthread_mutex_init(&w->lock, NULL);
 	pthread_cond_init(&w->cond, NULL);
 	w->refs = 2;
-	rc = lf_post(g, LF_JOB_SWAP, id, addr, w);
-	if (rc != EZP_OK) {
-		snprintf(why, why_len, "cannot queue the swap (status %d)", rc);
+	rc = lf_post(g, kind, id, addr, w);
+	if (rc != EZP_OK && rc != EZP_ERR_AGAIN) { /* not queued */
+		snprintf(why, why_len, "cannot queue the call (status %d)", rc);
 		w->refs = 1;
 		lf_waiter_unref(w);
 		return rc;
 	}
 	pthread_mutex_lock(&w->lock);
-	while (!w->done && !atomic_load(stop)) {
+	while (!w->done && !lf_stopping(who)) {
 		struct timespec ts;
 		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += 100000000;
+		ts.tv_nsec += 50000000;
 		if (ts.tv_nsec >= 1000000000) {
 			ts.tv_sec++;
 			ts.tv_nsec -= 1000000000;
@@ -281,6 +240,25 @@ int lf_control_swap_server_wait(struct lf_group *g, uint64_t id, const char *add
 	pthread_mutex_unlock(&w->lock);
 	lf_waiter_unref(w);
 	return rc;
+}
+
+int lf_control_swap_server_wait(struct lf_group *g, uint64_t id, const char *addr,
+				struct lf_script *who, char *why, size_t why_len)
+{
+	return lf_post_wait(g, LF_JOB_SWAP, id, addr, who, why, why_len);
+}
+
+void lf_control_addrs_wait(struct lf_group *g, struct lf_script *who)
+{
+	char why[64];
+
+	/* while the daemon starts the pipeline is not listening yet: ask for up to 3 s */
+	for (int i = 0; i < 60 && !lf_stopping(who); i++) {
+		if (lf_post_wait(g, LF_JOB_ADDRS, 0, NULL, who, why, sizeof(why)) == EZP_OK)
+			return;
+		struct timespec ts = {0, 50000000};
+		nanosleep(&ts, NULL);
+	}
 }
 
 int lf_control_delete_pipeline(struct lf_group *g)

@@ -46,8 +46,6 @@ struct lf_group *lf_group_get(const struct ezp_core *core, const char *pipeline,
 		lf_groups = g;
 	}
 	pthread_mutex_unlock(&lf_groups_lock);
-	if (g)
-		lf_control_refresh_addrs(g);
 	return g;
 }
 
@@ -122,7 +120,13 @@ struct lf_entry *lf_session_open(struct lf_group *g, const struct ezp_session_in
 		e->attach++;
 		atomic_fetch_add(&e->refs, 1); /* the session slot's */
 	}
+	if (e && !g->to_addr[0]) /* before any swap a session's server is the pipeline's To */
+		snprintf(g->to_addr, sizeof(g->to_addr), "%s", e->server);
+	int ask = !g->bound_addr[0] && !g->asked;
+	g->asked = 1;
 	pthread_mutex_unlock(&g->lock);
+	if (ask) /* the pipeline listens now: ask the core where, once */
+		lf_control_refresh_addrs(g);
 	return e;
 }
 
@@ -319,12 +323,23 @@ static int lf_ezp_is_alive(lua_State *L)
 
 static int lf_push_addr(lua_State *L, struct lf_group *g, const char *field)
 {
+	struct lf_script *s = lf_script_of(L);
 	char buf[EZP_ADDR_STRLEN];
 
 	pthread_mutex_lock(&g->lock);
-	snprintf(buf, sizeof(buf), "%s", field);
+	int known = field[0] != '\0';
 	pthread_mutex_unlock(&g->lock);
-	lf_control_refresh_addrs(g); /* for the next call: a swap may have changed it */
+	if (!known && s->mode == LF_MODE_MAIN) /* main mode may wait */
+		lf_control_addrs_wait(g, s);
+	pthread_mutex_lock(&g->lock);
+	snprintf(buf, sizeof(buf), "%s", field);
+	uint64_t now = s->core->now_us();
+	int ask = now - g->asked_us > 1000000; /* at most once a second */
+	if (ask)
+		g->asked_us = now;
+	pthread_mutex_unlock(&g->lock);
+	if (ask) /* for the next call: a swap of the pipeline's To may have changed it */
+		lf_control_refresh_addrs(g);
 	if (!buf[0])
 		lua_pushnil(L);
 	else
@@ -382,8 +397,8 @@ static int lf_ezp_get_packets(lua_State *L)
 	s->packets_two_args = ar.nparams >= 2; /* function(ezp, pkt) or function(pkt) */
 	lua_pushvalue(L, b);
 	s->ref_packets = luaL_ref(L, LUA_REGISTRYINDEX);
-	if (s->main)
-		lf_main_set_wants(s->main, s);
+	if (s->main) /* main mode: blocks until the callback returns true */
+		return lf_main_get_packets(L, s);
 	return 0;
 }
 
@@ -396,7 +411,7 @@ static int lf_ezp_set_server(lua_State *L)
 	char why[512];
 
 	if (s->mode == LF_MODE_MAIN) {
-		if (lf_control_swap_server_wait(s->group, (uint64_t)id, addr, &s->stop, why,
+		if (lf_control_swap_server_wait(s->group, (uint64_t)id, addr, s, why,
 						sizeof(why)) ==
 		    EZP_OK) {
 			lua_pushboolean(L, 1);
@@ -494,7 +509,9 @@ static int lf_s_bytes(lua_State *L)
 
 static int lf_s_last_contact(lua_State *L)
 {
-	lua_pushinteger(L, (lua_Integer)(atomic_load(&lf_self(L)->last_us) / 1000000u));
+	uint64_t last = atomic_load(&lf_self(L)->last_us), now = lf_script_of(L)->core->now_us();
+
+	lua_pushinteger(L, (lua_Integer)(now > last ? (now - last) / 1000u : 0));
 	return 1;
 }
 

@@ -307,11 +307,19 @@ static void lf_reload_now(struct lf_inst *in, int loud)
 	lf_log_reload(in->core, in->conf->script, 1, NULL, loud);
 }
 
+/* The instance that completes a round of reloads (every worker) logs at info. */
+static int lf_reload_loud(struct lf_inst *in)
+{
+	unsigned n = atomic_load(&in->group->n_inst);
+
+	return n == 0 || (atomic_fetch_add(&in->group->n_reloads, 1) + 1) % n == 0;
+}
+
 static void lf_reload_timer(void *arg)
 {
 	struct lf_inst *in = arg;
 
-	lf_reload_now(in, in->worker_index == 0);
+	lf_reload_now(in, in->mode == LF_MODE_MAIN || lf_reload_loud(in));
 }
 
 /* the script's folder changed: reload a little later (editors write in steps) */
@@ -327,7 +335,7 @@ static void lf_reload_hook(void *instance)
 {
 	struct lf_inst *in = instance;
 
-	lf_reload_now(in, in->worker_index == 0);
+	lf_reload_now(in, in->mode == LF_MODE_MAIN || lf_reload_loud(in));
 }
 
 /* ---- create / destroy ---- */
@@ -342,6 +350,8 @@ static void lf_destroy(void *instance)
 	in->core->timer_free(in->reload_timer);
 	while (in->holds)
 		lf_hold_free(in->holds);
+	if (in->script)
+		atomic_fetch_sub(&in->group->n_inst, 1);
 	lf_script_unref(in->script);
 	if (in->main)
 		lf_main_put(in->main);
@@ -389,6 +399,7 @@ static int lf_create(const struct ezp_filter_ctx *ctx, const void *config, void 
 			goto fail;
 		}
 		in->script->inst = in;
+		atomic_fetch_add(&in->group->n_inst, 1);
 	}
 	in->reload_timer = ctx->core->timer_new(ctx->worker, lf_reload_timer, in);
 	if (conf->watch && in->reload_timer && (in->mode == LF_MODE_CALLBACK || ctx->worker_index == 0))

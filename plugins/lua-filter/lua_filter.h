@@ -63,7 +63,11 @@ struct lf_group {
 	struct lf_entry *entries;
 	atomic_uint_fast64_t bytes_total;
 	atomic_uint_fast64_t n_live;
+	atomic_uint n_inst;          /* callback-mode instances (one per worker) */
+	atomic_uint n_reloads;       /* reloads done by them: the last of a round logs at info */
 	char to_addr[EZP_ADDR_STRLEN];     /* group lock */
+	int asked;                          /* group lock: addresses asked at first session */
+	uint64_t asked_us;                  /* group lock: last on-demand refresh */
 	char bound_addr[EZP_ADDR_STRLEN];
 	struct lf_group *next;
 };
@@ -118,6 +122,7 @@ struct lf_script {
 	int ref_ezp;              /* the ezp table */
 	int ref_spare;            /* a finished coroutine kept for reuse */
 	int warned_return;
+	int watcher_off;            /* EzpOnPacket / get_packets watcher returned true */
 	atomic_int stop;           /* main mode: the runner is stopping */
 	lua_State *running;       /* the coroutine being resumed */
 	uint64_t errors_logged, errors_window_us, errors_suppressed;
@@ -157,9 +162,11 @@ void lf_control_stop(void);
 int lf_control_swap_server(struct lf_group *g, uint64_t id, const char *addr);
 /* The same, waiting for the result (main mode). */
 int lf_control_swap_server_wait(struct lf_group *g, uint64_t id, const char *addr,
-				const atomic_int *stop, char *why, size_t why_len);
+				struct lf_script *who, char *why, size_t why_len);
 int lf_control_delete_pipeline(struct lf_group *g);
 void lf_control_refresh_addrs(struct lf_group *g);
+/* Main mode: wait until the pipeline's addresses are known (bounded). */
+void lf_control_addrs_wait(struct lf_group *g, struct lf_script *who);
 
 /* ---- main mode (lua_main.c) ---- */
 struct lf_main *lf_main_get(const struct ezp_core *core, const struct lf_conf *conf,
@@ -177,6 +184,7 @@ void lf_main_post_session(struct lf_main *m, struct lf_entry *e, int opened);
 void lf_main_reload(struct lf_main *m);
 /* main-mode sleep and get_packets hooks, called from the ezp/global functions */
 int lf_main_sleep(lua_State *L, struct lf_script *s, int64_t ms);
+int lf_main_get_packets(lua_State *L, struct lf_script *s);
 
 /* ---- reload (lua_reload.c) ---- */
 struct lf_watch;

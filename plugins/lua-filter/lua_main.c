@@ -3,10 +3,14 @@
  * with its own Lua state, where sleep(ms) really sleeps. Packets pass
  * untouched unless the script filters them (ezp.get_packets(cb), or an
  * EzpFilter / EzpOnPacket function): then each packet is held by the worker
- * and queued here, in order, and answered when the callback returns. The
+ * and queued here, in order, and answered when the callback returns.
+ * get_packets(cb) blocks EzpMain and hands every packet to cb (a watcher:
+ * the packet passes) until cb returns true. The
  * thread runs callbacks and EzpOnSessionOpen/Close while EzpMain sleeps and
- * after it returns. One runner per `lua` stage config (shared by the
- * stage's instances on every worker).
+ * after it returns. One runner per script file in main mode, shared by
+ * every worker and every pipeline that uses it (the old config form puts
+ * the filter on two pipelines: EzpMain still runs once); its ezp table
+ * speaks for the pipeline that started it.
  * Thread: lf_main_get/put on the control thread (put: any); post functions
  * on workers; everything else on the runner thread.
  */
@@ -39,7 +43,8 @@ struct lf_main {
 	atomic_int stopping, reload_req, wants;
 	struct lf_script *script;  /* runner thread */
 	struct lf_script *pending; /* a reloaded script waiting for the old EzpMain to unwind */
-	int need_run, in_main, sleep_depth;
+	int need_run, in_main, sleep_depth, in_get_packets;
+	struct lf_conf conf_copy; /* ours: the first config may go before we do */
 	struct lf_main *next;
 };
 
@@ -246,10 +251,14 @@ static void lf_main_try_reload(struct lf_main *m)
 	m->need_run = 1;
 }
 
-int lf_main_sleep(lua_State *L, struct lf_script *s, int64_t ms)
+/* Wait @ms (or, with @ms < 0, until the get_packets callback says stop), serving events. */
+static int lf_main_wait(lua_State *L, struct lf_script *s, int64_t ms)
 {
 	struct lf_main *m = s->main;
 	struct timespec until;
+
+	if (ms < 0)
+		ms = 86400000; /* get_packets: re-checked below, a day at a time */
 
 	clock_gettime(CLOCK_REALTIME, &until);
 	until.tv_sec += (time_t)(ms / 1000);
@@ -260,7 +269,8 @@ int lf_main_sleep(lua_State *L, struct lf_script *s, int64_t ms)
 	}
 	m->sleep_depth++;
 	pthread_mutex_lock(&m->lock);
-	while (!atomic_load(&s->stop) && !atomic_load(&m->stopping)) {
+	while (!atomic_load(&s->stop) && !atomic_load(&m->stopping) &&
+	       !(m->in_get_packets && s->watcher_off)) {
 		struct lf_mevent *ev = NULL;
 		if (m->sleep_depth == 1 && atomic_load(&m->reload_req)) {
 			pthread_mutex_unlock(&m->lock);
@@ -286,6 +296,34 @@ int lf_main_sleep(lua_State *L, struct lf_script *s, int64_t ms)
 		return luaL_error(L, "%s: script stopped (reload or shutdown)", s->path);
 	}
 	lf_script_budget(s); /* a new slice after each sleep */
+	return 0;
+}
+
+int lf_main_sleep(lua_State *L, struct lf_script *s, int64_t ms)
+{
+	return lf_main_wait(L, s, ms);
+}
+
+int lf_main_get_packets(lua_State *L, struct lf_script *s)
+{
+	struct lf_main *m = s->main;
+	int rc;
+
+	if (m->in_get_packets || m->sleep_depth)
+		return luaL_error(L, "get_packets: already waiting for packets");
+	m->in_get_packets = 1;
+	s->watcher_off = 0;
+	lf_main_set_wants(m, s);
+	for (;;) {
+		rc = lf_main_wait(L, s, -1);
+		if (s->watcher_off || rc != 0)
+			break;
+	}
+	m->in_get_packets = 0;
+	s->watcher_off = 0;
+	luaL_unref(L, LUA_REGISTRYINDEX, s->ref_packets);
+	s->ref_packets = LUA_NOREF;
+	lf_main_set_wants(m, s);
 	return 0;
 }
 
@@ -347,7 +385,7 @@ struct lf_main *lf_main_get(const struct ezp_core *core, const struct lf_conf *c
 
 	pthread_mutex_lock(&lf_mains_lock);
 	for (m = lf_mains; m; m = m->next)
-		if (m->conf == conf && m->core == core) {
+		if (m->core == core && strcmp(m->conf->script, conf->script) == 0) {
 			m->refs++;
 			pthread_mutex_unlock(&lf_mains_lock);
 			return m;
@@ -359,11 +397,19 @@ struct lf_main *lf_main_get(const struct ezp_core *core, const struct lf_conf *c
 		goto fail;
 	}
 	m->core = core;
-	m->conf = conf;
+	m->conf_copy = *conf;
+	m->conf_copy.script = strdup(conf->script);
+	m->conf_copy.mode = NULL;
+	m->conf = &m->conf_copy;
+	if (!m->conf_copy.script) {
+		snprintf(err->message, sizeof(err->message), "lua: out of memory");
+		err->code = EZP_ERR_NOMEM;
+		goto fail;
+	}
 	m->group = group;
 	m->refs = 1;
 	m->tail = &m->head;
-	m->script = lf_script_new(core, conf, LF_MODE_MAIN, group, why, sizeof(why));
+	m->script = lf_script_new(core, m->conf, LF_MODE_MAIN, group, why, sizeof(why));
 	if (!m->script) {
 		snprintf(err->message, sizeof(err->message), "lua: %.490s", why);
 		err->code = EZP_ERR_CONFIG;
@@ -388,8 +434,10 @@ struct lf_main *lf_main_get(const struct ezp_core *core, const struct lf_conf *c
 	pthread_mutex_unlock(&lf_mains_lock);
 	return m;
 fail:
-	if (m)
+	if (m) {
 		lf_script_unref(m->script);
+		free(m->conf_copy.script);
+	}
 	free(m);
 	pthread_mutex_unlock(&lf_mains_lock);
 	return NULL;
@@ -423,5 +471,6 @@ void lf_main_put(struct lf_main *m)
 	pthread_cond_destroy(&m->cond);
 	pthread_mutex_destroy(&m->lock);
 	lf_group_put(m->group);
+	free(m->conf_copy.script);
 	free(m);
 }

@@ -413,14 +413,17 @@ int lf_push_filter_fn(struct lf_script *s, lua_State *L, int *onpacket, int *two
 	if (lua_getglobal(L, "EzpFilter") == LUA_TFUNCTION)
 		return 1;
 	lua_pop(L, 1);
+	if (s->watcher_off)
+		return 0;
 	if (lua_getglobal(L, "EzpOnPacket") == LUA_TFUNCTION) {
 		*onpacket = 1;
 		return 1;
 	}
 	lua_pop(L, 1);
-	if (s->ref_packets != LUA_NOREF) {
+	if (s->ref_packets != LUA_NOREF) { /* a watcher, like EzpOnPacket */
 		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_packets);
 		*two_args = s->packets_two_args;
+		*onpacket = 1;
 		return 1;
 	}
 	return 0;
@@ -433,9 +436,9 @@ int lf_verdict_of(struct lf_script *s, lua_State *L, int nres, int onpacket,
 	int v = EZP_VERDICT_PASS;
 
 	*repl = NULL;
-	if (onpacket) {
-		v = t == LUA_TBOOLEAN && lua_toboolean(L, -nres) ? EZP_VERDICT_DROP
-								  : EZP_VERDICT_PASS;
+	if (onpacket) { /* a watcher: the packet passes; true uninstalls it */
+		if (t == LUA_TBOOLEAN && lua_toboolean(L, -nres))
+			s->watcher_off = 1;
 	} else if (t == LUA_TBOOLEAN) {
 		v = lua_toboolean(L, -nres) ? EZP_VERDICT_PASS : EZP_VERDICT_DROP;
 	} else if (t == LUA_TSTRING) {
