@@ -189,10 +189,18 @@ int ezp__defer(struct ezp_worker *w, ezp_fn fn, void *arg)
 		w->defer_head = d;
 	w->defer_tail = d;
 	pthread_mutex_unlock(&w->defer_lock);
-	if (wake && current_worker == w) /* later in this loop iteration, no syscall */
-		event_active(w->local_ev, 0, 0);
-	else if (wake && write(w->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+	/*
+	 * The worker's own defers: later in this loop iteration, no syscall.
+	 * Another thread always writes the eventfd, even when the queue was not
+	 * empty: a wake must never depend on one an earlier caller may not
+	 * have delivered yet (a shutdown once waited forever on that).
+	 */
+	if (current_worker == w) {
+		if (wake)
+			event_active(w->local_ev, 0, 0);
+	} else if (write(w->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
 		ezp__log(EZP_LOG_WARN, "worker", "eventfd write: %s", strerror(errno));
+	}
 	return EZP_OK;
 }
 
