@@ -98,6 +98,7 @@ static int stage_call(struct ezp_session *s, unsigned i, struct ezp_packet *pkt,
 		      struct ezp_packet **repl, struct hold_how *hh)
 {
 	struct ezp__stage_def *sd = &s->chain->stages[i];
+	struct ezp__holder *h = NULL;
 	struct ezp_filter_call call;
 	int v;
 
@@ -113,18 +114,11 @@ static int stage_call(struct ezp_session *s, unsigned i, struct ezp_packet *pkt,
 	call.pkt = pkt;
 	call.hold_id = (++s->w->next_hold << 8) | s->w->index;
 	call.index = i;
-	hh->timeout_ms = (unsigned)sd->conf.hold.timeout_ms;
-	hh->drop = sd->conf.hold.default_drop;
 	if (sd->kind->flags & EZP_FILTER_EXCLUSIVE) {
-		struct ezp__holder *h = atomic_load_explicit(&sd->claim->holder,
-							     memory_order_acquire);
+		h = atomic_load_explicit(&sd->claim->holder, memory_order_acquire);
 		if (!h)
 			return EZP_VERDICT_PASS;
 		v = h->h.on_packet(h->h.userdata, &call);
-		if (h->timeout_ms)
-			hh->timeout_ms = h->timeout_ms;
-		if (h->default_verdict >= 0)
-			hh->drop = h->default_verdict == EZP_VERDICT_DROP;
 	} else {
 		v = sd->kind->packet(sd->instances[s->w->index], &call);
 	}
@@ -136,9 +130,13 @@ static int stage_call(struct ezp_session *s, unsigned i, struct ezp_packet *pkt,
 	case EZP_VERDICT_REPLACE:
 		*repl = call.replacement;
 		return v;
-	case EZP_VERDICT_HOLD:
+	case EZP_VERDICT_HOLD: /* waits as its holder says, else as the filter's config says */
 		ezp__packet_unref(call.replacement);
 		hh->id = call.hold_id;
+		hh->timeout_ms = h && h->timeout_ms ? h->timeout_ms
+						    : (unsigned)sd->conf.hold.timeout_ms;
+		hh->drop = h && h->default_verdict >= 0 ? h->default_verdict == EZP_VERDICT_DROP
+							: sd->conf.hold.default_drop;
 		s->held++;
 		return v;
 	}

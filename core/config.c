@@ -616,6 +616,14 @@ int ezp__config_put_pipeline(struct ezp__config *cfg, const char *name, const ch
 	return EZP_OK;
 }
 
+struct ezp__pipeline_conf *ezp__config_find(const struct ezp__config *cfg, const char *name)
+{
+	for (size_t i = 0; cfg && name && i < cfg->n_pipelines; i++)
+		if (!strcmp(cfg->pipelines[i].name, name))
+			return &cfg->pipelines[i];
+	return NULL;
+}
+
 int ezp__config_del_pipeline(struct ezp__config *cfg, const char *name)
 {
 	for (size_t i = 0; i < cfg->n_pipelines; i++) {

@@ -122,6 +122,8 @@ void ezp__config_free(struct ezp__config *cfg);
 int ezp__config_put_pipeline(struct ezp__config *cfg, const char *name, const char *text,
 			     const char *file, const struct ezp__kind_lookup *lookup, int *created,
 			     struct ezp_error *err);
+/* Pipeline @name of @cfg, or NULL (@cfg and @name may be NULL). */
+struct ezp__pipeline_conf *ezp__config_find(const struct ezp__config *cfg, const char *name);
 /* Remove pipeline @name from @cfg; EZP_ERR_NOT_FOUND when absent. */
 int ezp__config_del_pipeline(struct ezp__config *cfg, const char *name);
 /* One pipeline as YAML (a mapping, every default written out), malloc'd. */

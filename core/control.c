@@ -114,15 +114,7 @@ int ezp_pipeline_bound(struct ezp_daemon *dd, const char *pipeline, struct ezp_a
 	return EZP_OK;
 }
 
-/* Keep the daemon's config in step with live changes (config read shows them). */
-static struct ezp__pipeline_conf *live_conf(struct ezp_core_ctx *d, const char *name)
-{
-	for (size_t i = 0; i < d->cfg->n_pipelines; i++)
-		if (!strcmp(d->cfg->pipelines[i].name, name))
-			return &d->cfg->pipelines[i];
-	return NULL;
-}
-
+/* Live changes keep the daemon's config in step (config read shows them). */
 int ezp_pipeline_swap_to(struct ezp_daemon *dd, const char *pipeline, const char *to_yaml,
 			 int apply_to_existing, struct ezp_error *err)
 {
@@ -140,7 +132,7 @@ int ezp_pipeline_swap_to(struct ezp_daemon *dd, const char *pipeline, const char
 		err = &tmp;
 	if (!p)
 		return EZP_ERR_NOT_FOUND;
-	pc = live_conf(d, pipeline);
+	pc = ezp__config_find(d->cfg, pipeline);
 	ezp__registry_lookup(d, &lookup);
 	rc = ezp__kind_conf_parse(to_yaml, 0, &lookup, &kc, err);
 	if (rc != EZP_OK)
@@ -182,7 +174,7 @@ int ezp_pipeline_set_filters(struct ezp_daemon *dd, const char *pipeline,
 		err = &tmp;
 	if (!p)
 		return EZP_ERR_NOT_FOUND;
-	pc = live_conf(d, pipeline);
+	pc = ezp__config_find(d->cfg, pipeline);
 	ezp__registry_lookup(d, &lookup);
 	rc = ezp__through_parse(through_yaml, &lookup, &items, &n, err);
 	if (rc != EZP_OK)

@@ -186,12 +186,13 @@ static int ctl_plugin_at(struct ezp_core_ctx *d, size_t i, struct ezp_plugin_inf
 
 static char *ctl_pipeline_yaml(struct ezp_core_ctx *d, const char *name)
 {
+	const struct ezp__pipeline_conf *pc;
 	char *r = NULL;
 
 	pthread_mutex_lock(&d->ctl_lock);
-	for (size_t i = 0; name && i < d->cfg->n_pipelines; i++)
-		if (!strcmp(d->cfg->pipelines[i].name, name))
-			r = ezp__pipeline_dump(&d->cfg->pipelines[i]);
+	pc = ezp__config_find(d->cfg, name);
+	if (pc)
+		r = ezp__pipeline_dump(pc);
 	pthread_mutex_unlock(&d->ctl_lock);
 	return r;
 }
@@ -231,12 +232,8 @@ static int ctl_pipeline_put(struct ezp_core_ctx *d, const char *name, const char
 	rc = ezp__config_put_pipeline(cfg, name, item_yaml, "<request>", &lookup, &is_new, err);
 	if (rc != EZP_OK)
 		goto out;
-	for (size_t i = 0; i < d->cfg->n_pipelines; i++) {
-		old = &d->cfg->pipelines[i];
-		for (size_t j = 0; j < cfg->n_pipelines; j++)
-			if (!strcmp(old->name, name) && !strcmp(cfg->pipelines[j].name, name))
-				from_changed = !ezp__kind_conf_equal(&old->from, &cfg->pipelines[j].from);
-	}
+	old = ezp__config_find(d->cfg, name);
+	from_changed = old && !ezp__kind_conf_equal(&old->from, &ezp__config_find(cfg, name)->from);
 	rc = ezp__daemon_apply(d, cfg, err);
 	if (rc != EZP_OK)
 		goto out;
@@ -333,7 +330,8 @@ static int ctl_pipeline_inject(struct ezp_core_ctx *d, const char *name, int dir
 	free(v);
 	if (n_sessions)
 		*n_sessions = done;
-	memset(err, 0, sizeof(*err));
+	if (err) /* a session that ended meanwhile is not an error of the call */
+		memset(err, 0, sizeof(*err));
 	return EZP_OK;
 }
 
@@ -490,13 +488,12 @@ static uint64_t ctl_tap_drops(struct ezp_core_ctx *d)
 static int ctl_filter_hold(struct ezp_core_ctx *d, const char *pipeline, const char *key,
 			   unsigned *timeout_ms, int *default_verdict)
 {
+	const struct ezp__pipeline_conf *pc;
 	int rc = EZP_ERR_NOT_FOUND;
 
 	pthread_mutex_lock(&d->ctl_lock);
-	for (size_t i = 0; pipeline && key && i < d->cfg->n_pipelines && rc != EZP_OK; i++) {
-		const struct ezp__pipeline_conf *pc = &d->cfg->pipelines[i];
-		if (strcmp(pc->name, pipeline))
-			continue;
+	pc = ezp__config_find(d->cfg, pipeline);
+	if (pc && key) {
 		for (size_t k = 0; k < pc->n_through && rc != EZP_OK; k++) {
 			char ck[160];
 			if (!(pc->through[k].filter->flags & EZP_FILTER_EXCLUSIVE))

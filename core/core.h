@@ -510,7 +510,7 @@ void ezp__services_stop(struct ezp_core_ctx *d);
 /* The config's Api changed (reload): say it takes effect on restart. */
 void ezp__services_note_reload(struct ezp_core_ctx *d, const struct ezp__config *cfg);
 const void *ezp__find_service(struct ezp_core_ctx *d, const char *name, unsigned min_version);
-/* StateDir, or the default: /var/lib/ezproxy as root, else per user (malloc'd). */
+/* StateDir, or the default: /var/lib/ezproxy as root, else per user (malloc'd). Thread: any. */
 char *ezp__state_dir_resolve(const char *configured);
 /* control_svc.c: fill d->control. */
 void ezp__control_init(struct ezp_core_ctx *d);

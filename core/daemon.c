@@ -236,14 +236,6 @@ struct plan {
 	bool add;
 };
 
-static struct ezp__pipeline_conf *conf_find(struct ezp__config *cfg, const char *name)
-{
-	for (size_t i = 0; cfg && i < cfg->n_pipelines; i++)
-		if (!strcmp(cfg->pipelines[i].name, name))
-			return &cfg->pipelines[i];
-	return NULL;
-}
-
 static bool through_equal(const struct ezp__pipeline_conf *a, const struct ezp__pipeline_conf *b)
 {
 	if (a->n_through != b->n_through)
@@ -278,7 +270,7 @@ int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ez
 				goto rollback;
 			continue;
 		}
-		pl->old = conf_find(d->cfg, pl->pc->name);
+		pl->old = ezp__config_find(d->cfg, pl->pc->name);
 		if (pl->old && ezp__pipeline_conf_equal(pl->old, pl->pc))
 			continue;
 		if (!pl->old || !ezp__kind_conf_equal(&pl->old->from, &pl->pc->from) ||
@@ -299,7 +291,7 @@ int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ez
 	/* commit */
 	for (p = LIST_FIRST(&d->pipelines); p; p = next) {
 		next = LIST_NEXT(p, link);
-		if (!conf_find(cfg, p->name)) {
+		if (!ezp__config_find(cfg, p->name)) {
 			ezp__log(EZP_LOG_INFO, "daemon", "pipeline '%s' removed", p->name);
 			ezp__pipeline_remove(p, true);
 			removed++;

@@ -239,12 +239,6 @@ static int svc_tap_subscribe(struct ezp_core_ctx *d, const struct ezp_tap_opts *
 	return ezp__tap_subscribe(d, opts, out);
 }
 
-static const void *svc_find_service(struct ezp_core_ctx *d, const char *name,
-				    unsigned min_version)
-{
-	return ezp__find_service(d, name, min_version);
-}
-
 void ezp__core_table_init(struct ezp_core_ctx *d)
 {
 	struct ezp_core *t = &d->table;
@@ -294,6 +288,6 @@ void ezp__core_table_init(struct ezp_core_ctx *d)
 	t->close = ezp__close_by_id;
 	t->tap_subscribe = svc_tap_subscribe;
 	t->tap_unsubscribe = ezp__tap_unsubscribe;
-	t->find_service = svc_find_service;
+	t->find_service = ezp__find_service;
 	t->ctx = d;
 }

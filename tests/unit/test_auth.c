@@ -38,6 +38,7 @@
 #include <ezproxy/ezproxy.h>
 #include <ezproxy/services.h>
 
+#include "capture.h"
 #include "core.h"
 
 /* sha256 of "a" * 64 and "b" * 64 (python3 hashlib) */
@@ -270,39 +271,6 @@ static size_t n_keys(void)
 	assert_non_null(list);
 	free(list);
 	return n;
-}
-
-/* Capture stderr (the core's log lines) into a temporary file. */
-struct capture {
-	int saved;
-	FILE *f;
-};
-
-static void capture_begin(struct capture *c)
-{
-	fflush(stderr);
-	c->f = tmpfile();
-	assert_non_null(c->f);
-	c->saved = dup(STDERR_FILENO);
-	assert_true(c->saved >= 0);
-	assert_true(dup2(fileno(c->f), STDERR_FILENO) >= 0);
-}
-
-static char *capture_end(struct capture *c)
-{
-	long n;
-	char *buf;
-
-	fflush(stderr);
-	dup2(c->saved, STDERR_FILENO);
-	close(c->saved);
-	n = lseek(fileno(c->f), 0, SEEK_END);
-	buf = calloc(1, n > 0 ? (size_t)n + 1 : 1);
-	assert_non_null(buf);
-	if (n > 0)
-		assert_int_equal(pread(fileno(c->f), buf, (size_t)n, 0), n);
-	fclose(c->f);
-	return buf;
 }
 
 static int setup(void **state)

@@ -44,12 +44,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "capture.h"
 #include "core.h"
 #include "wait.h"
 
 static int slow = 1;	      /* 10 under valgrind */
 #define WAIT_MS (5000 * slow) /* the deadline of every ordinary wait */
 #define QUIET_MS 200	      /* how long "nothing happens" is watched */
+
+#include "net.h" /* after WAIT_MS: its expect_* helpers wait that long */
 
 static const char *volatile current_test = "?";
 
@@ -174,40 +177,6 @@ static void gate_fini(struct gate *g)
 	assert_int_equal(g->expired, 0);
 	pthread_cond_destroy(&g->cv);
 	pthread_mutex_destroy(&g->mu);
-}
-
-/* ---- capturing stderr (log lines) ---- */
-
-struct capture {
-	int saved;
-	FILE *f;
-};
-
-static void capture_begin(struct capture *c)
-{
-	fflush(stderr);
-	c->f = tmpfile();
-	assert_non_null(c->f);
-	c->saved = dup(STDERR_FILENO);
-	assert_true(c->saved >= 0);
-	assert_true(dup2(fileno(c->f), STDERR_FILENO) >= 0);
-}
-
-static char *capture_end(struct capture *c)
-{
-	long n;
-	char *buf;
-
-	fflush(stderr);
-	dup2(c->saved, STDERR_FILENO);
-	close(c->saved);
-	n = lseek(fileno(c->f), 0, SEEK_END);
-	buf = calloc(1, n > 0 ? (size_t)n + 1 : 1);
-	assert_non_null(buf);
-	if (n > 0)
-		assert_int_equal(pread(fileno(c->f), buf, (size_t)n, 0), n);
-	fclose(c->f);
-	return buf;
 }
 
 /* ---- the test's own plugin --------------------------------------------------------------- */
@@ -526,74 +495,9 @@ static int accept_wait(int lfd)
 	return track_fd(accept4(lfd, NULL, NULL, SOCK_CLOEXEC));
 }
 
-static ssize_t recv_wait(int fd, void *buf, size_t len, int ms, struct sockaddr_in *from)
-{
-	uint64_t end = mono_ms() + (uint64_t)ms;
-
-	for (;;) {
-		struct pollfd p = {fd, POLLIN, 0};
-		int64_t left = (int64_t)(end - mono_ms());
-		socklen_t fl = sizeof(*from);
-		int r = poll(&p, 1, left > 0 ? (int)left : 0);
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r == 0)
-			return -2;
-		if (r < 0)
-			return -1;
-		ssize_t n = from
-				? recvfrom(fd, buf, len, MSG_DONTWAIT, (struct sockaddr *)from, &fl)
-				: recv(fd, buf, len, MSG_DONTWAIT);
-		if (n < 0 && (errno == EINTR || errno == EAGAIN))
-			continue;
-		return n;
-	}
-}
-
 static void send_text(int fd, const char *text)
 {
 	assert_int_equal(send(fd, text, strlen(text), MSG_NOSIGNAL), (ssize_t)strlen(text));
-}
-
-static void expect_dgram(int fd, const char *want, struct sockaddr_in *from, const char *what)
-{
-	char buf[2048];
-	ssize_t n = recv_wait(fd, buf, sizeof(buf) - 1, WAIT_MS, from);
-
-	if (n < 0) {
-		fail_msg("%s: expected '%s', got %s", what, want,
-			 n == -2 ? "nothing before the deadline" : strerror(errno));
-		return;
-	}
-	buf[n] = 0;
-	if ((size_t)n != strlen(want) || memcmp(buf, want, (size_t)n))
-		fail_msg("%s: expected '%s', got '%s' (%zd bytes)", what, want, buf, n);
-}
-
-static void expect_stream(int fd, const char *want, const char *what)
-{
-	size_t n = strlen(want), got = 0;
-	char buf[1024];
-	uint64_t end = mono_ms() + WAIT_MS;
-
-	assert_true(n < sizeof(buf));
-	while (got < n) {
-		int64_t left = (int64_t)(end - mono_ms());
-		ssize_t r = recv_wait(fd, buf + got, n - got, left > 0 ? (int)left : 0, NULL);
-		if (r <= 0) {
-			buf[got] = 0;
-			fail_msg("%s: expected '%s', got '%s' then %s", what, want, buf,
-				 r == -2  ? "nothing"
-				 : r == 0 ? "end of stream"
-					  : strerror(errno));
-		}
-		got += (size_t)r;
-	}
-	if (memcmp(buf, want, n)) {
-		buf[n] = 0;
-		fail_msg("%s: expected '%s', got '%s'", what, want, buf);
-	}
 }
 
 /* The stream ends (0) or errors within the deadline. */
@@ -602,7 +506,7 @@ static void expect_closed(int fd, const char *what)
 	char buf[256];
 
 	for (;;) {
-		ssize_t n = recv_wait(fd, buf, sizeof(buf), WAIT_MS, NULL);
+		ssize_t n = recv_wait(fd, buf, sizeof(buf), WAIT_MS);
 		if (n == 0 || n == -1)
 			return;
 		if (n == -2)
@@ -613,7 +517,7 @@ static void expect_closed(int fd, const char *what)
 static void expect_quiet(int fd, const char *what)
 {
 	char buf[2048];
-	ssize_t n = recv_wait(fd, buf, sizeof(buf) - 1, QUIET_MS, NULL);
+	ssize_t n = recv_wait(fd, buf, sizeof(buf) - 1, QUIET_MS);
 
 	if (n != -2)
 		fail_msg("%s: expected nothing, got %zd", what, n);
@@ -1996,7 +1900,7 @@ static void test_reload_diff(void **state)
 	expect_stream(a1, "x1", "p before the reload");
 	cq = udp_sock(bound_port("q"));
 	send_text(cq, "q1");
-	expect_dgram(su, "q1", NULL, "q before the reload");
+	expect_dgram(su, "q1", "q before the reload");
 	sq = session_of(cq);
 	uint16_t port_s = bound_port("s");
 	struct ezp__pipeline *ps = ezp__pipeline_find((struct ezp_core_ctx *)T->d, "s");
@@ -2032,7 +1936,7 @@ static void test_reload_diff(void **state)
 	/* r works */
 	cr = udp_sock(bound_port("r"));
 	send_text(cr, "r1");
-	expect_dgram(su, "r1", NULL, "the added pipeline");
+	expect_dgram(su, "r1", "the added pipeline");
 	/* s kept its listener, but has a new chain (the hold timeout differs) */
 	assert_int_equal(bound_port("s"), port_s);
 	assert_ptr_not_equal(ps->gen->chain, chain_s);
@@ -2531,9 +2435,9 @@ static void test_tap_errors_and_filters(void **state)
 	c2 = udp_sock(bound_port("p"));
 	cq = udp_sock(bound_port("q"));
 	send_text(c1, "a");
-	expect_dgram(su, "a", &up, "c1");
+	expect_dgram_from(su, "a", &up, "c1");
 	send_text(c2, "b");
-	expect_dgram(su, "b", NULL, "c2");
+	expect_dgram(su, "b", "c2");
 	s1 = session_of(c1);
 	s2 = session_of(c2);
 	by_id = tapc_new();
@@ -2547,7 +2451,7 @@ static void test_tap_errors_and_filters(void **state)
 	send_text(cq, "q-1");
 	for (int i = 0, seen = 0; i < 3; i++) { /* sessions on different workers: any order */
 		char buf[16];
-		ssize_t n = recv_wait(su, buf, sizeof(buf) - 1, WAIT_MS, NULL);
+		ssize_t n = recv_wait(su, buf, sizeof(buf) - 1, WAIT_MS);
 		assert_true(n > 0);
 		buf[n] = 0;
 		int bit = !strcmp(buf, "c1-1")	 ? 1
@@ -2639,7 +2543,7 @@ static void test_tap_fast_path_and_leftovers(void **state)
 	assert_int_equal(ezp_tap_subscribe(d2, &o2, &t2), EZP_OK);
 	cu = udp_sock(bound_port_of(d2, "u"));
 	send_text(cu, "x");
-	expect_dgram(su, "x", NULL, "x");
+	expect_dgram(su, "x", "x");
 	assert_true(tapc_wait(left, &left->packets, 1) >= 1);
 	(void)t2; /* left subscribed on purpose */
 }
@@ -2681,7 +2585,7 @@ static void test_tap_default_capacity_and_queued(void **state)
 	ctx = (struct ezp_core_ctx *)T->d;
 	c = udp_sock(bound_port("p"));
 	send_text(c, "hello");
-	expect_dgram(su, "hello", NULL, "hello");
+	expect_dgram(su, "hello", "hello");
 	s = session_of(c);
 	sw = ezp__session_worker(ctx, s.id);
 	assert_non_null(sw);
@@ -2736,7 +2640,7 @@ static void test_tap_default_capacity_and_queued(void **state)
 	T->taps[T->n_taps++] = t3;
 	assert_int_equal(ezp__worker_call(sw, noop_fn, NULL), EZP_OK);
 	send_text(c, "seen");
-	expect_dgram(su, "seen", NULL, "seen");
+	expect_dgram(su, "seen", "seen");
 	assert_true(tapc_wait(tc3, &tc3->packets, 1) >= 1);
 }
 
@@ -2888,7 +2792,7 @@ static void test_services_by_id(void **state)
 	ctx = core->ctx;
 	c = udp_sock(bound_port("p"));
 	send_text(c, "hi");
-	expect_dgram(su, "hi", NULL, "hi");
+	expect_dgram(su, "hi", "hi");
 	s = session_of(c);
 	counter_init(&done);
 
@@ -2902,10 +2806,10 @@ static void test_services_by_id(void **state)
 	assert_int_equal(counter_wait(&done, 1), 1);
 	assert_int_equal(done.status, EZP_OK);
 	assert_ptr_equal(done.on, ezp__session_worker(ctx, s.id));
-	expect_dgram(c, "inj", NULL, "injected by id");
+	expect_dgram(c, "inj", "injected by id");
 	/* no done callback at all */
 	assert_int_equal(core->inject(ctx, s.id, EZP_DIR_TO_SERVER, "nd", 2, NULL, NULL), EZP_OK);
-	expect_dgram(su, "nd", NULL, "injected without a done callback");
+	expect_dgram(su, "nd", "injected without a done callback");
 	/* a bad direction, and too many bytes: done tells why */
 	assert_int_equal(core->inject(ctx, s.id, 5, "x", 1, counter_done, &done), EZP_OK);
 	assert_int_equal(counter_wait(&done, 2), 2);
@@ -2994,7 +2898,7 @@ static void test_services_on_worker(void **state)
 	tap_add(T->d, tc, "p", 0, 0, NULL);
 	c = udp_sock(bound_port("p"));
 	send_text(c, "12345");
-	expect_dgram(su, "12345", NULL, "first");
+	expect_dgram(su, "12345", "first");
 	s = session_of(c);
 	memset(&o, 0, sizeof(o));
 	o.id = s.id;
@@ -3012,7 +2916,7 @@ static void test_services_on_worker(void **state)
 	assert_int_equal(o.rc_big, EZP_ERR_LIMIT);
 	assert_int_equal(o.rc_dir, EZP_ERR_INVAL);
 	assert_int_equal(o.rc_clamp, EZP_OK);
-	expect_dgram(c, "after", NULL, "injected past the chain");
+	expect_dgram(c, "after", "injected past the chain");
 	assert_int_equal(ezp__worker_call(ezp__session_worker((struct ezp_core_ctx *)T->d, s.id),
 					  close_on_session_worker, &o),
 			 EZP_OK);
@@ -3070,7 +2974,7 @@ static void test_legacy_daemon(void **state)
 	expect_stream(c, "back", "and back");
 	cu = udp_sock(bound_port("default-udp"));
 	send_text(cu, "udp-old");
-	expect_dgram(su, "udp-old", NULL, "the old form's udp pipeline");
+	expect_dgram(su, "udp-old", "the old form's udp pipeline");
 	/* reloading the same old form changes nothing */
 	assert_int_equal(ezp_daemon_reload(T->d, yaml, "old.yaml", &err), EZP_OK);
 	send_text(c, "again");
@@ -3162,13 +3066,13 @@ static void test_udp_repoint_and_routes(void **state)
 		    sock_port(su), sock_port(s6));
 	c = udp_sock(bound_port("p"));
 	send_text(c, "a");
-	expect_dgram(su, "a", NULL, "a");
+	expect_dgram(su, "a", "a");
 	s = session_of(c);
 	/* a datagram server swap re-points the upstream */
 	snprintf(addr, sizeof(addr), "127.0.0.1:%u", sock_port(su2));
 	assert_int_equal(ezp_session_swap_server(T->d, s.id, addr, &err), EZP_OK);
 	send_text(c, "b");
-	expect_dgram(su2, "b", NULL, "after the server swap");
+	expect_dgram(su2, "b", "after the server swap");
 	/* the client re-pointed to one address twice: the newer route replaces the older */
 	c2 = udp_sock(0);
 	snprintf(addr, sizeof(addr), "127.0.0.1:%u", sock_port(c2));
@@ -3178,12 +3082,12 @@ static void test_udp_repoint_and_routes(void **state)
 	assert_int_equal(routes_of("p"), 1); /* one route per address: the newest */
 	struct sockaddr_in to = loopback(bound_port("p"));
 	assert_int_equal(sendto(c2, "c2", 2, 0, (struct sockaddr *)&to, sizeof(to)), 2);
-	expect_dgram(su2, "c2", NULL, "the re-pointed client is the session's");
+	expect_dgram(su2, "c2", "the re-pointed client is the session's");
 	wait_sessions("p", 1);
 	/* IPv6: sessions and routes by v6 address */
 	c6 = udp6_sock(bound_port("v6"));
 	send_text(c6, "six");
-	expect_dgram(s6, "six", NULL, "over IPv6");
+	expect_dgram(s6, "six", "over IPv6");
 	s = session_of(c6);
 	int c6b = udp6_sock(0);
 	snprintf(addr, sizeof(addr), "[::1]:%u", sock_port(c6b));
@@ -3194,12 +3098,12 @@ static void test_udp_repoint_and_routes(void **state)
 	to6.sin6_addr = in6addr_loopback;
 	to6.sin6_port = htons(bound_port("v6"));
 	assert_int_equal(sendto(c6b, "six-b", 5, 0, (struct sockaddr *)&to6, sizeof(to6)), 5);
-	expect_dgram(s6, "six-b", NULL, "the re-pointed v6 client");
+	expect_dgram(s6, "six-b", "the re-pointed v6 client");
 	wait_sessions("v6", 1);
 	/* another v6 client is checked against that route, and gets a session of its own */
 	int c6c = udp6_sock(bound_port("v6"));
 	send_text(c6c, "six-c");
-	expect_dgram(s6, "six-c", NULL, "a second v6 client");
+	expect_dgram(s6, "six-c", "a second v6 client");
 	wait_sessions("v6", 2);
 	/* a v4 client never matches a v6 route */
 	expect_quiet(c, "nothing for c");
@@ -3311,24 +3215,24 @@ static void test_inject_after_half_close(void **state)
 	/* the client is done sending: bytes injected toward the server go nowhere */
 	c = tcp_session(la, &a, &s);
 	assert_int_equal(shutdown(c, SHUT_WR), 0);
-	assert_int_equal(recv_wait(a, buf, sizeof(buf), WAIT_MS, NULL), 0);
+	assert_int_equal(recv_wait(a, buf, sizeof(buf), WAIT_MS), 0);
 	assert_int_equal(ezp_session_inject(T->d, s.id, EZP_DIR_TO_SERVER, "late", 4, &err),
 			 EZP_OK);
 	send_text(a, "open;");
 	expect_stream(c, "open;", "the other half is still open");
 	assert_int_equal(shutdown(a, SHUT_WR), 0);
-	assert_int_equal(recv_wait(c, buf, sizeof(buf), WAIT_MS, NULL), 0);
+	assert_int_equal(recv_wait(c, buf, sizeof(buf), WAIT_MS), 0);
 	wait_sessions("p", 0);
 	/* the server is done sending: bytes injected toward the client go nowhere */
 	c = tcp_session(la, &a, &s);
 	assert_int_equal(shutdown(a, SHUT_WR), 0);
-	assert_int_equal(recv_wait(c, buf, sizeof(buf), WAIT_MS, NULL), 0);
+	assert_int_equal(recv_wait(c, buf, sizeof(buf), WAIT_MS), 0);
 	assert_int_equal(ezp_session_inject(T->d, s.id, EZP_DIR_TO_CLIENT, "late", 4, &err),
 			 EZP_OK);
 	send_text(c, "open;");
 	expect_stream(a, "open;", "the other half is still open");
 	assert_int_equal(shutdown(c, SHUT_WR), 0);
-	assert_int_equal(recv_wait(a, buf, sizeof(buf), WAIT_MS, NULL), 0);
+	assert_int_equal(recv_wait(a, buf, sizeof(buf), WAIT_MS), 0);
 	wait_sessions("p", 0);
 }
 
@@ -3361,7 +3265,7 @@ static void test_bug_tap_before_start(void **state)
 	assert_int_equal(ezp_daemon_start(T->d, &err), EZP_OK);
 	c = udp_sock(bound_port("p"));
 	send_text(c, "x");
-	expect_dgram(su, "x", NULL, "x");
+	expect_dgram(su, "x", "x");
 	if (tapc_wait(tc, &tc->opened, 1) != 1)
 		fail_msg("a tap subscribed before start saw no session_opened");
 }

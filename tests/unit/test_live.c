@@ -39,7 +39,7 @@ static int slow = 1;	      /* 10 under valgrind */
 #define WAIT_MS (5000 * slow) /* the deadline of every ordinary wait */
 #define QUIET_MS 300	      /* how long "nothing arrives" is watched */
 
-/* ---- time and waiting ---------------------------------------------------- */
+#include "net.h" /* after WAIT_MS: its expect_* helpers wait that long */
 
 /* ---- per-test context: everything a test made, freed even when it fails --- */
 
@@ -333,32 +333,6 @@ static int udp_client(uint16_t port)
 	return fd;
 }
 
-/* One recv with a deadline: > 0 bytes, 0 end of stream, -1 error, -2 nothing came. */
-static ssize_t recv_wait(int fd, void *buf, size_t len, int ms)
-{
-	uint64_t end = mono_ms() + (uint64_t)ms;
-
-	for (;;) {
-		struct pollfd p = {fd, POLLIN, 0};
-		int64_t left = (int64_t)(end - mono_ms());
-		int r;
-
-		if (left < 0)
-			left = 0;
-		r = poll(&p, 1, (int)left);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r == 0)
-			return -2;
-		if (r < 0)
-			return -1;
-		ssize_t n = recv(fd, buf, len, MSG_DONTWAIT);
-		if (n < 0 && (errno == EINTR || errno == EAGAIN))
-			continue;
-		return n;
-	}
-}
-
 /* Read exactly @n bytes. Returns 0, or -1 (end/error) / -2 (deadline) with *got set. */
 static int recv_exact(int fd, char *buf, size_t n, int ms, size_t *got)
 {
@@ -377,7 +351,7 @@ static int recv_exact(int fd, char *buf, size_t n, int ms, size_t *got)
 	return 0;
 }
 
-static void expect_stream(int fd, const char *want, const char *what)
+static void expect_bytes(int fd, const char *want, const char *what)
 {
 	size_t n = strlen(want), got = 0;
 	char *buf = calloc(1, n + 1);
@@ -400,22 +374,7 @@ static void expect_stream(int fd, const char *want, const char *what)
 static void tcp_roundtrip(int fd, const char *send_text, const char *want, const char *what)
 {
 	assert_int_equal(send_all(fd, send_text, strlen(send_text)), 0);
-	expect_stream(fd, want, what);
-}
-
-static void expect_dgram(int fd, const char *want, const char *what)
-{
-	char buf[2048];
-	ssize_t n = recv_wait(fd, buf, sizeof(buf) - 1, WAIT_MS);
-
-	if (n < 0) {
-		fail_msg("%s: expected datagram '%s', got %s", what, want,
-			 n == -2 ? "nothing before the deadline" : strerror(errno));
-		return;
-	}
-	buf[n] = 0;
-	if ((size_t)n != strlen(want) || memcmp(buf, want, (size_t)n))
-		fail_msg("%s: expected datagram '%s', got '%s' (%zd bytes)", what, want, buf, n);
+	expect_bytes(fd, want, what);
 }
 
 static void expect_quiet(int fd, int ms, const char *what)
@@ -430,11 +389,6 @@ static void expect_quiet(int fd, int ms, const char *what)
 		fail_msg("%s: expected nothing, got '%s' (%zd bytes)", what, buf, n);
 	}
 	fail_msg("%s: expected nothing, got %s", what, n == 0 ? "end of stream" : strerror(errno));
-}
-
-static void send_dgram(int fd, const char *text)
-{
-	assert_int_equal(send(fd, text, strlen(text), 0), (ssize_t)strlen(text));
 }
 
 /* ---- the daemon ----------------------------------------------------------------- */
@@ -1282,12 +1236,12 @@ static void test_inject(void **state)
 
 	assert_int_equal(ezp_session_inject(T->d, s.id, EZP_DIR_TO_CLIENT, "INJ-TC", 6, &err),
 			 EZP_OK);
-	expect_stream(c, "INJ-TC", "inject to client");
+	expect_bytes(c, "INJ-TC", "inject to client");
 	tcp_roundtrip(c, "ping", "ping", "stream after an injection (no extra bytes)");
 
 	assert_int_equal(ezp_session_inject(T->d, s.id, EZP_DIR_TO_SERVER, "INJ-TS", 6, &err),
 			 EZP_OK);
-	expect_stream(c, "INJ-TS", "inject to server, echoed");
+	expect_bytes(c, "INJ-TS", "inject to server, echoed");
 
 	memset(big, 'x', sizeof(big));
 	rc = ezp_session_inject(T->d, s.id, EZP_DIR_TO_CLIENT, big, sizeof(big), &err);
@@ -1498,8 +1452,8 @@ static void test_dial_add_client(void **state)
 
 	assert_int_equal(ezp_session_inject(T->d, s.id, EZP_DIR_TO_CLIENT, "both", 4, &err),
 			 EZP_OK);
-	expect_stream(c, "both", "the original client");
-	expect_stream(la, "both", "the dialled client leg");
+	expect_bytes(c, "both", "the original client");
+	expect_bytes(la, "both", "the dialled client leg");
 }
 
 /* ---- 12. TCP: accept a client into an existing session ---------------------------------- */
@@ -1588,7 +1542,7 @@ static void test_accept_add_client(void **state)
 	}
 	free(v);
 	tcp_roundtrip(c, "two", "two", "the first client after the add");
-	expect_stream(c2, "two", "the accepted client gets the server's bytes");
+	expect_bytes(c2, "two", "the accepted client gets the server's bytes");
 }
 
 /* ---- 13. a Shared pipeline -------------------------------------------------------------- */
@@ -1615,8 +1569,8 @@ static void test_shared_pipeline(void **state)
 	free(v);
 	assert_int_equal(n, 1);
 	assert_int_equal(ezp_session_inject(T->d, s.id, EZP_DIR_TO_CLIENT, "all", 3, &err), EZP_OK);
-	expect_stream(c1, "all", "Shared: the first client");
-	expect_stream(c2, "all", "Shared: the second client");
+	expect_bytes(c1, "all", "Shared: the first client");
+	expect_bytes(c2, "all", "Shared: the second client");
 }
 
 /* ---- 14. a live filter chain change under a stream ------------------------------------- */

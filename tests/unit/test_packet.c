@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "capture.h"
 #include "core.h"
 
 /* ---- packets ----------------------------------------------------------------------- */
@@ -668,40 +669,6 @@ static void test_map_random_model(void **state)
 }
 
 /* ---- log.c --------------------------------------------------------------------------- */
-
-/* stderr goes to a temporary file between capture_begin and capture_end. */
-struct capture {
-	int saved;
-	FILE *f;
-};
-
-static void capture_begin(struct capture *c)
-{
-	fflush(stderr);
-	c->f = tmpfile();
-	assert_non_null(c->f);
-	c->saved = dup(STDERR_FILENO);
-	assert_true(c->saved >= 0);
-	assert_true(dup2(fileno(c->f), STDERR_FILENO) >= 0);
-}
-
-/* Returns what was written (malloc'd, NUL-terminated). */
-static char *capture_end(struct capture *c)
-{
-	long n;
-	char *buf;
-
-	fflush(stderr);
-	dup2(c->saved, STDERR_FILENO);
-	close(c->saved);
-	n = lseek(fileno(c->f), 0, SEEK_END);
-	assert_true(n >= 0);
-	buf = calloc(1, (size_t)n + 1);
-	assert_non_null(buf);
-	assert_int_equal(pread(fileno(c->f), buf, (size_t)n, 0), n);
-	fclose(c->f);
-	return buf;
-}
 
 static void log_defaults(void)
 {

@@ -54,7 +54,7 @@ static int slow = 1;	      /* 10 under valgrind */
 #define STALL_MS (300 * slow) /* no write progress this long: the path is full */
 #define STALL_CAP (96u << 20) /* a stream that never stalls by then has no backpressure */
 
-/* ---- time and waiting ---------------------------------------------------- */
+#include "net.h" /* after WAIT_MS: its expect_* helpers wait that long */
 
 /* ---- per-test context: everything a test made, freed even when it fails --- */
 
@@ -231,30 +231,6 @@ static int send_all(int fd, const void *data, size_t len)
 		len -= (size_t)n;
 	}
 	return 0;
-}
-
-/* One recv with a deadline: > 0 bytes, 0 end of stream, -1 error (errno), -2 nothing came. */
-static ssize_t recv_wait(int fd, void *buf, size_t len, int ms)
-{
-	uint64_t end = mono_ms() + (uint64_t)ms;
-
-	for (;;) {
-		struct pollfd p = {fd, POLLIN, 0};
-		int64_t left = (int64_t)(end - mono_ms());
-		int r;
-
-		r = poll(&p, 1, left < 0 ? 0 : (int)left);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r == 0)
-			return -2;
-		if (r < 0)
-			return -1;
-		ssize_t n = recv(fd, buf, len, MSG_DONTWAIT);
-		if (n < 0 && (errno == EINTR || errno == EAGAIN))
-			continue;
-		return n;
-	}
 }
 
 static void expect_text(int fd, const char *want, const char *what)

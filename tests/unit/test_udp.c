@@ -50,6 +50,8 @@ static int slow = 1;	      /* 10 under valgrind */
 #define WAIT_MS (5000 * slow) /* the deadline of every ordinary wait */
 #define QUIET_MS (300 * slow) /* how long "nothing arrives" is watched */
 
+#include "net.h" /* after WAIT_MS: its expect_* helpers wait that long */
+
 /* ---- sendmmsg that can say EAGAIN ------------------------------------------------- */
 
 static atomic_int fault_port; /* network order; datagrams to it get EAGAIN; 0: none */
@@ -392,47 +394,6 @@ static void udp_connect_to(int fd, uint16_t port)
 	assert_int_equal(connect(fd, (struct sockaddr *)&to, len), 0);
 }
 
-/* One recv with a deadline: >= 0 bytes, -1 error, -2 nothing came. */
-static ssize_t recv_wait(int fd, void *buf, size_t len, int ms)
-{
-	uint64_t end = mono_ms() + (uint64_t)ms;
-
-	for (;;) {
-		struct pollfd p = {fd, POLLIN, 0};
-		int64_t left = (int64_t)(end - mono_ms());
-		int r;
-
-		if (left < 0)
-			left = 0;
-		r = poll(&p, 1, (int)left);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r == 0)
-			return -2;
-		if (r < 0)
-			return -1;
-		ssize_t n = recv(fd, buf, len, MSG_DONTWAIT);
-		if (n < 0 && (errno == EINTR || errno == EAGAIN))
-			continue;
-		return n;
-	}
-}
-
-static void expect_dgram(int fd, const char *want, const char *what)
-{
-	char buf[2048];
-	ssize_t n = recv_wait(fd, buf, sizeof(buf) - 1, WAIT_MS);
-
-	if (n < 0) {
-		fail_msg("%s: expected datagram '%s', got %s", what, want,
-			 n == -2 ? "nothing before the deadline" : strerror(errno));
-		return;
-	}
-	buf[n] = 0;
-	if ((size_t)n != strlen(want) || memcmp(buf, want, (size_t)n))
-		fail_msg("%s: expected datagram '%s', got '%s' (%zd bytes)", what, want, buf, n);
-}
-
 static void expect_quiet(int fd, int ms, const char *what)
 {
 	char buf[2048];
@@ -471,11 +432,6 @@ static int drain(int fd, int ms)
 	while (recv_wait(fd, buf, sizeof(buf), ms) >= 0 && n < 100000)
 		n++;
 	return n;
-}
-
-static void send_dgram(int fd, const char *text)
-{
-	assert_int_equal(send(fd, text, strlen(text), 0), (ssize_t)strlen(text));
 }
 
 static void roundtrip(int fd, const char *text, const char *want, const char *what)
