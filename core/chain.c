@@ -139,10 +139,16 @@ static int stage_call(struct ezp_session *s, unsigned i, struct ezp_packet *pkt,
 							: sd->conf.hold.default_drop;
 		s->held++;
 		return v;
+	case EZP_VERDICT_DEFAULT:
+		break;
+	default:
+		ezp__log(EZP_LOG_WARN, "chain",
+			 "filter '%s' returned unknown verdict %d; default applied", sd->kind->name, v);
+		break;
 	}
 	ezp__packet_unref(call.replacement);
-	ezp__log(EZP_LOG_WARN, "chain", "filter '%s' returned unknown verdict %d; default applied",
-		 sd->kind->name, v);
+	if (h && h->default_verdict >= 0)
+		return h->default_verdict == EZP_VERDICT_DROP ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
 	return sd->conf.hold.default_drop ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
 }
 
@@ -502,6 +508,10 @@ void ezp__chain_answer(struct ezp_worker *w, uint64_t hold_id, int verdict,
 		else
 			ezp__packet_unref(e->pkt);
 		e->pkt = replacement;
+		break;
+	case EZP_VERDICT_DEFAULT:
+		e->verdict = e->default_drop ? EZP_VERDICT_DROP : EZP_VERDICT_PASS;
+		ezp__packet_unref(replacement);
 		break;
 	default:
 		e->verdict = EZP_VERDICT_PASS;

@@ -215,8 +215,7 @@ int ezp_pipeline_restart(struct ezp_daemon *dd, const char *pipeline, int close_
 	rc = ezp__listener_open(p, &p->conf->from, p->conf->shared, &l, err);
 	if (rc != EZP_OK)
 		return rc;
-	ezp__listener_close(p->listener);
-	p->listener = l;
+	ezp__pipeline_set_listener(p, l);
 	if (close_sessions)
 		ezp__pipeline_close_sessions(d, p);
 	return EZP_OK;

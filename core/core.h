@@ -236,7 +236,8 @@ struct ezp__pipeline {
 	struct ezp_core_ctx *d;
 	char *name;
 	struct ezp__pipeline_conf *conf;  /* control thread */
-	struct ezp_listener *listener;    /* NULL while not listening */
+	struct ezp_listener *listener;    /* NULL while not listening; see ezp__pipeline_set_listener */
+	struct ezp_addr bound;            /* lock: the listener's address (len 0: none) */
 	/* current generation: read by workers under lock at accept; gen_no is
 	 * checked per packet without the lock */
 	pthread_mutex_t lock;             /* gen, routes, claims, shared_id */
@@ -375,6 +376,9 @@ void ezp__pipeline_remove(struct ezp__pipeline *p, bool close_sessions);
 int ezp__pipeline_listen(struct ezp__pipeline *p, bool quiet, struct ezp_error *err);
 void ezp__pipeline_log_listen(struct ezp__pipeline *p);
 void ezp__pipeline_unlisten(struct ezp__pipeline *p);
+void ezp__pipeline_set_listener(struct ezp__pipeline *p, struct ezp_listener *l);
+int ezp__pipeline_addresses(struct ezp_core_ctx *d, const char *name, struct ezp_addr *bound,
+			    struct ezp_addr *to);
 struct ezp__pipeline *ezp__pipeline_find(struct ezp_core_ctx *d, const char *name);
 struct ezp__pipe_gen *ezp__pipeline_gen(struct ezp__pipeline *p); /* ref'd */
 void ezp__gen_unref(struct ezp__pipe_gen *g);

@@ -309,8 +309,7 @@ int ezp__daemon_apply(struct ezp_core_ctx *d, struct ezp__config *cfg, struct ez
 		}
 		if (pl->listener) {
 			char addr[EZP_ADDR_STRLEN];
-			ezp__listener_close(pl->p->listener);
-			pl->p->listener = pl->listener;
+			ezp__pipeline_set_listener(pl->p, pl->listener);
 			ezp__kind_conf_clear(&pl->p->conf->from);
 			ezp__kind_conf_copy(&pl->p->conf->from, &pl->pc->from);
 			ezp__log(EZP_LOG_INFO, "daemon", "pipeline '%s' now listens on %s", pl->p->name,

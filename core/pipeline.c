@@ -465,20 +465,62 @@ void ezp__pipeline_log_listen(struct ezp__pipeline *p)
 /* Open the pipeline's listener; @quiet: the caller logs it once committed. */
 int ezp__pipeline_listen(struct ezp__pipeline *p, bool quiet, struct ezp_error *err)
 {
+	struct ezp_listener *l;
 	int rc;
 
 	if (p->listener)
 		return EZP_OK;
-	rc = ezp__listener_open(p, &p->conf->from, p->conf->shared, &p->listener, err);
-	if (rc == EZP_OK && !quiet)
+	rc = ezp__listener_open(p, &p->conf->from, p->conf->shared, &l, err);
+	if (rc != EZP_OK)
+		return rc;
+	ezp__pipeline_set_listener(p, l);
+	if (!quiet)
 		ezp__pipeline_log_listen(p);
-	return rc;
+	return EZP_OK;
 }
 
 void ezp__pipeline_unlisten(struct ezp__pipeline *p)
 {
-	ezp__listener_close(p->listener);
-	p->listener = NULL;
+	ezp__pipeline_set_listener(p, NULL);
+}
+
+/* Put @l (NULL: none) in place of @p's listener and close the old one. Thread: control. */
+void ezp__pipeline_set_listener(struct ezp__pipeline *p, struct ezp_listener *l)
+{
+	struct ezp_listener *old = p->listener;
+
+	pthread_mutex_lock(&p->lock);
+	p->listener = l;
+	if (l)
+		p->bound = l->bound;
+	else
+		memset(&p->bound, 0, sizeof(p->bound));
+	pthread_mutex_unlock(&p->lock);
+	ezp__listener_close(old);
+}
+
+/* Thread: any (see ezp_core.pipeline_addresses). */
+int ezp__pipeline_addresses(struct ezp_core_ctx *d, const char *name, struct ezp_addr *bound,
+			    struct ezp_addr *to)
+{
+	struct ezp__pipeline *p;
+	int rc = EZP_ERR_NOT_FOUND;
+
+	pthread_mutex_lock(&d->lock);
+	LIST_FOREACH(p, &d->pipelines, link) {
+		if (strcmp(p->name, name) != 0)
+			continue;
+		pthread_mutex_lock(&p->lock);
+		if (bound)
+			*bound = p->bound;
+		if (to)
+			*to = p->gen->to_addr;
+		pthread_mutex_unlock(&p->lock);
+		rc = EZP_OK;
+		break;
+	}
+	pthread_mutex_unlock(&d->lock);
+	return rc;
 }
 
 static void close_sessions_worker(struct ezp_worker *w, void *arg)

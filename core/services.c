@@ -290,4 +290,5 @@ void ezp__core_table_init(struct ezp_core_ctx *d)
 	t->tap_unsubscribe = ezp__tap_unsubscribe;
 	t->find_service = ezp__find_service;
 	t->ctx = d;
+	t->pipeline_addresses = ezp__pipeline_addresses;
 }

@@ -1,7 +1,7 @@
 /*
  * lua_control.c - calls that must wait: the core's "ezp.control" functions
- * (swap a session's server, delete the pipeline for ezp.close(-2), read the
- * pipeline's addresses) block until a worker answers, so no worker and no
+ * (swap a session's server, delete the pipeline for ezp.close(-2)) block
+ * until a worker answers, so no worker and no
  * script may call them directly. Scripts queue jobs here and each job runs
  * on the core's service loop (ezp_control.service_worker), the thread those
  * functions are made for, which the core stops before it tears a daemon
@@ -16,7 +16,7 @@
 
 #include "lua_filter.h"
 
-enum lf_job_kind { LF_JOB_SWAP, LF_JOB_DELETE, LF_JOB_ADDRS };
+enum lf_job_kind { LF_JOB_SWAP, LF_JOB_DELETE };
 
 struct lf_waiter {
 	pthread_mutex_t lock;
@@ -66,8 +66,8 @@ static void lf_job_finish(struct lf_job *j, int rc, const char *why)
 	free(j);
 }
 
-/* Returns 1 when the job should run again later. */
-static int lf_job_run(struct lf_job *j)
+/* Run @j and finish it. Thread: the service loop. */
+static void lf_job_run(struct lf_job *j)
 {
 	struct lf_group *g = j->group;
 	const struct ezp_control *c = g->control;
@@ -77,17 +77,14 @@ static int lf_job_run(struct lf_job *j)
 	memset(&err, 0, sizeof(err));
 	if (!c) {
 		lf_job_finish(j, EZP_ERR_UNSUPPORTED, "the core offers no control interface");
-		return 0;
+		return;
 	}
-	switch (j->kind) {
-	case LF_JOB_SWAP:
+	if (j->kind == LF_JOB_SWAP) {
 		rc = c->session_swap_server(g->core->ctx, j->id, j->addr, &err);
 		if (rc != EZP_OK && !j->waiter)
 			g->core->log(EZP_LOG_WARN, LF_SRC, "set_server(%lu, %s) failed: %s",
 				     (unsigned long)j->id, j->addr, err.message);
-		lf_job_finish(j, rc, err.message);
-		return 0;
-	case LF_JOB_DELETE:
+	} else {
 		rc = c->pipeline_delete(g->core->ctx, g->pipeline, &err);
 		if (rc != EZP_OK)
 			g->core->log(EZP_LOG_WARN, LF_SRC, "close(-2) of pipeline %s failed: %s",
@@ -95,30 +92,8 @@ static int lf_job_run(struct lf_job *j)
 		else
 			g->core->log(EZP_LOG_INFO, LF_SRC, "pipeline %s closed by its script",
 				     g->pipeline);
-		lf_job_finish(j, rc, err.message);
-		return 0;
-	default: {
-		struct ezp_pipeline_stats st;
-		char to[EZP_ADDR_STRLEN] = "", bound[EZP_ADDR_STRLEN] = "";
-		memset(&st, 0, sizeof(st));
-		st.struct_size = sizeof(st);
-		rc = c->pipeline_stats(g->core->ctx, g->pipeline, &st);
-		if (rc != EZP_OK) /* not applied yet (starting): asked again later */
-			return 1;
-		if (st.to_addr.len)
-			g->core->addr_format(&st.to_addr, to, sizeof(to));
-		if (st.bound.len)
-			g->core->addr_format(&st.bound, bound, sizeof(bound));
-		pthread_mutex_lock(&g->lock);
-		memcpy(g->to_addr, to, sizeof(to));
-		memcpy(g->bound_addr, bound, sizeof(bound));
-		pthread_mutex_unlock(&g->lock);
-		if (!st.bound.len)
-			return 1; /* the listener is not bound yet */
-		lf_job_finish(j, EZP_OK, NULL);
-		return 0;
 	}
-	}
+	lf_job_finish(j, rc, err.message);
 }
 
 /* Run the oldest queued job of @arg's daemon. Thread: the service loop. */
@@ -134,8 +109,8 @@ static void lf_kick(void *arg)
 	if (j)
 		*pp = j->next;
 	pthread_mutex_unlock(&lf_ctl_lock);
-	if (j && lf_job_run(j))
-		lf_job_finish(j, EZP_ERR_AGAIN, "not known yet");
+	if (j)
+		lf_job_run(j);
 }
 
 int lf_control_start(void)
@@ -248,34 +223,7 @@ int lf_control_swap_server_wait(struct lf_group *g, uint64_t id, const char *add
 	return lf_post_wait(g, LF_JOB_SWAP, id, addr, who, why, why_len);
 }
 
-void lf_control_addrs_wait(struct lf_group *g, struct lf_script *who)
-{
-	char why[64];
-
-	/* while the daemon starts the pipeline is not listening yet: ask for up to 3 s */
-	for (int i = 0; i < 60 && !lf_stopping(who); i++) {
-		if (lf_post_wait(g, LF_JOB_ADDRS, 0, NULL, who, why, sizeof(why)) == EZP_OK)
-			return;
-		struct timespec ts = {0, 50000000};
-		nanosleep(&ts, NULL);
-	}
-}
-
 int lf_control_delete_pipeline(struct lf_group *g)
 {
 	return lf_post(g, LF_JOB_DELETE, 0, NULL, NULL);
-}
-
-void lf_control_refresh_addrs(struct lf_group *g)
-{
-	struct lf_job *j;
-
-	pthread_mutex_lock(&lf_ctl_lock);
-	for (j = lf_jobs; j; j = j->next) /* one refresh queued per group is enough */
-		if (j->group == g && j->kind == LF_JOB_ADDRS) {
-			pthread_mutex_unlock(&lf_ctl_lock);
-			return;
-		}
-	pthread_mutex_unlock(&lf_ctl_lock);
-	lf_post(g, LF_JOB_ADDRS, 0, NULL, NULL);
 }

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "lua_filter.h"
 
@@ -120,13 +121,7 @@ struct lf_entry *lf_session_open(struct lf_group *g, const struct ezp_session_in
 		e->attach++;
 		atomic_fetch_add(&e->refs, 1); /* the session slot's */
 	}
-	if (e && !g->to_addr[0]) /* before any swap a session's server is the pipeline's To */
-		snprintf(g->to_addr, sizeof(g->to_addr), "%s", e->server);
-	int ask = !g->bound_addr[0] && !g->asked;
-	g->asked = 1;
 	pthread_mutex_unlock(&g->lock);
-	if (ask) /* the pipeline listens now: ask the core where, once */
-		lf_control_refresh_addrs(g);
 	return e;
 }
 
@@ -321,44 +316,47 @@ static int lf_ezp_is_alive(lua_State *L)
 	return 1;
 }
 
-static int lf_push_addr(lua_State *L, struct lf_group *g, const char *field)
+/*
+ * Push pipeline @g's listen address (@bound) or To address as "ip:port", nil
+ * while not known. Main mode may run before the daemon listens: it waits up
+ * to 3 s for the listener.
+ */
+static int lf_push_addr(lua_State *L, struct lf_group *g, int bound)
 {
 	struct lf_script *s = lf_script_of(L);
+	const struct ezp_core *core = g->core;
+	struct ezp_addr a;
 	char buf[EZP_ADDR_STRLEN];
 
-	pthread_mutex_lock(&g->lock);
-	int known = field[0] != '\0';
-	pthread_mutex_unlock(&g->lock);
-	if (!known && s->mode == LF_MODE_MAIN) /* main mode may wait */
-		lf_control_addrs_wait(g, s);
-	pthread_mutex_lock(&g->lock);
-	snprintf(buf, sizeof(buf), "%s", field);
-	uint64_t now = s->core->now_us();
-	int ask = now - g->asked_us > 1000000; /* at most once a second */
-	if (ask)
-		g->asked_us = now;
-	pthread_mutex_unlock(&g->lock);
-	if (ask) /* for the next call: a swap of the pipeline's To may have changed it */
-		lf_control_refresh_addrs(g);
-	if (!buf[0])
+	memset(&a, 0, sizeof(a));
+	if (!EZP_HAS(core, pipeline_addresses)) {
+		lua_pushnil(L);
+		return 1;
+	}
+	for (int i = 0; i < 300; i++) {
+		int rc = bound ? core->pipeline_addresses(core->ctx, g->pipeline, &a, NULL)
+			       : core->pipeline_addresses(core->ctx, g->pipeline, NULL, &a);
+		if ((rc == EZP_OK && a.len) || s->mode != LF_MODE_MAIN || atomic_load(&s->stop) ||
+		    (s->main && lf_main_stopping(s->main)))
+			break;
+		struct timespec ts = {0, 10000000};
+		nanosleep(&ts, NULL);
+	}
+	if (!a.len)
 		lua_pushnil(L);
 	else
-		lua_pushstring(L, buf);
+		lua_pushstring(L, core->addr_format(&a, buf, sizeof(buf)));
 	return 1;
 }
 
 static int lf_ezp_server_address(lua_State *L)
 {
-	struct lf_script *s = lf_script_of(L);
-
-	return lf_push_addr(L, s->group, s->group->to_addr);
+	return lf_push_addr(L, lf_script_of(L)->group, 0);
 }
 
 static int lf_ezp_proxy_address(lua_State *L)
 {
-	struct lf_script *s = lf_script_of(L);
-
-	return lf_push_addr(L, s->group, s->group->bound_addr);
+	return lf_push_addr(L, lf_script_of(L)->group, 1);
 }
 
 static int lf_ezp_bytes_sent(lua_State *L)

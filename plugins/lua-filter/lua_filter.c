@@ -16,9 +16,6 @@
 
 #include "lua_filter.h"
 
-/* Returned for "the stage's Default action": the core applies Default to unknown verdicts. */
-#define LF_VERDICT_DEFAULT 100
-
 struct lf_hold;
 
 struct lf_inst {
@@ -118,7 +115,7 @@ static int lf_after_resume(struct lf_inst *in, struct lf_script *s, lua_State *c
 				in->core->log(EZP_LOG_ERROR, LF_SRC, "%s: out of memory holding a "
 					      "packet for sleep(); Default applied", s->path);
 				lua_pop(s->L, 1);
-				return LF_VERDICT_DEFAULT;
+				return EZP_VERDICT_DEFAULT;
 			}
 			h->inst = in;
 			h->script = s;
@@ -143,13 +140,14 @@ static int lf_after_resume(struct lf_inst *in, struct lf_script *s, lua_State *c
 		rc = LUA_ERRRUN;
 	}
 	if (rc != LUA_OK) {
-		lf_script_error(s, co, rc, h ? "the held packet gets the Default action when "
-					       "HoldTimeoutMs runs out" : NULL);
-		if (h)
+		lf_script_error(s, co, rc, NULL);
+		if (h) {
+			in->core->filter_answer(in->core->ctx, h->hold_id, EZP_VERDICT_DEFAULT, NULL);
 			lf_hold_free(h);
-		else
+		} else {
 			lua_pop(s->L, 1);
-		return LF_VERDICT_DEFAULT;
+		}
+		return EZP_VERDICT_DEFAULT;
 	}
 	int v = lf_verdict_of(s, co, nres, onpacket, repl);
 	if (h) {
@@ -194,7 +192,7 @@ static int lf_packet(void *instance, struct ezp_filter_call *call)
 			return EZP_VERDICT_PASS;
 		if (lf_main_post_packet(in->main, pkt, call->hold_id, e) == EZP_OK)
 			return EZP_VERDICT_HOLD;
-		return LF_VERDICT_DEFAULT;
+		return EZP_VERDICT_DEFAULT;
 	}
 	s = in->script;
 	if (!lf_push_filter_fn(s, s->L, &onpacket, &two))

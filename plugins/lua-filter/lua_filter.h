@@ -65,10 +65,6 @@ struct lf_group {
 	atomic_uint_fast64_t n_live;
 	atomic_uint n_inst;          /* callback-mode instances (one per worker) */
 	atomic_uint n_reloads;       /* reloads done by them: the last of a round logs at info */
-	char to_addr[EZP_ADDR_STRLEN];     /* group lock */
-	int asked;                          /* group lock: addresses asked at first session */
-	uint64_t asked_us;                  /* group lock: last on-demand refresh */
-	char bound_addr[EZP_ADDR_STRLEN];
 	struct lf_group *next;
 };
 
@@ -164,9 +160,6 @@ int lf_control_swap_server(struct lf_group *g, uint64_t id, const char *addr);
 int lf_control_swap_server_wait(struct lf_group *g, uint64_t id, const char *addr,
 				struct lf_script *who, char *why, size_t why_len);
 int lf_control_delete_pipeline(struct lf_group *g);
-void lf_control_refresh_addrs(struct lf_group *g);
-/* Main mode: wait until the pipeline's addresses are known (bounded). */
-void lf_control_addrs_wait(struct lf_group *g, struct lf_script *who);
 
 /* ---- main mode (lua_main.c) ---- */
 struct lf_main *lf_main_get(const struct ezp_core *core, const struct lf_conf *conf,

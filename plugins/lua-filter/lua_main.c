@@ -189,7 +189,9 @@ static void lf_main_packet(struct lf_main *m, struct lf_mevent *ev)
 	if (lf_main_call(m, co, two ? 2 : 1, &nres) == LUA_OK) {
 		v = lf_verdict_of(s, co, nres, onpacket, &repl);
 		m->core->filter_answer(m->core->ctx, ev->hold_id, v, repl);
-	} /* else: held until HoldTimeoutMs, then Default */
+	} else {
+		m->core->filter_answer(m->core->ctx, ev->hold_id, EZP_VERDICT_DEFAULT, NULL);
+	}
 	lua_pop(s->L, 1);
 }
 

@@ -776,6 +776,10 @@ ERRS = script('''
         local t = nil
         return t.x  -- NILIDX
       end
+      if pkt.data == "late" then
+        sleep(50)
+        error("after sleep")  -- LATE
+      end
       return true
     end
 ''')
@@ -785,10 +789,13 @@ class T05Errors(LuaCase):
     def test_error_mid_stream_default_action(self):
         echo, echo2 = self.servers(), self.servers()
         d = self.lua_daemon(config(pipe('drop', 'tcp', echo.port,
-                                        [lua_item('errs.lua', Default='drop')]),
-                                   pipe('pass', 'tcp', echo2.port, [lua_item('errs.lua')])),
+                                        [lua_item('errs.lua', Default='drop',
+                                                  HoldTimeoutMs=30000)]),
+                                   pipe('pass', 'tcp', echo2.port,
+                                        [lua_item('errs.lua', HoldTimeoutMs=30000)])),
                             {'errs.lua': ERRS})
         boom, nilidx = line_of(ERRS, '-- BOOM'), line_of(ERRS, '-- NILIDX')
+        late = line_of(ERRS, '-- LATE')
         # Default: drop: the failing packet is dropped, the session goes on
         c = self.client(d.port('drop'))
         self.assertEqual(c.rt(b'one'), b'one')
@@ -801,11 +808,23 @@ class T05Errors(LuaCase):
         c.send(b'nilidx')
         self.wait(d, LUA + r'.*errs\.lua:%d: .*nil' % nilidx, since=mark)
         self.assertEqual(c.rt(b'three'), b'three')
+        # an error after sleep(): the held packet gets Default at once, not after
+        # HoldTimeoutMs (30 s here, longer than wait()'s deadline)
+        mark = d.mark()
+        c.send(b'late')
+        self.wait(d, LUA + r'.*errs\.lua:%d: after sleep' % late, since=mark)
+        self.assertEqual(c.rt(b'four', timeout=5), b'four')
+        self.assertEqual(echo.received, 3 + 3 + 5 + 4, 'a failing packet reached the server')
         # default pass: the failing packet passes
         c2 = self.client(d.port('pass'))
         self.assertEqual(c2.rt(b'boom'), b'boom')
+        self.assertEqual(c2.rt(b'late', timeout=5), b'late')
         self.assertEqual(c2.rt(b'fine'), b'fine')
         self.assertEqual(d.closes(), [], 'a session was closed by a script error')
+        # each error is logged once, by the plugin (the core resolves the Default quietly):
+        # one "boom" on 'drop', two on 'pass' (the request and its echo both fail)
+        self.assertEqual(self.count(d, r'kaboom'), 3)
+        self.assertEqual(self.count(d, r'\[chain\]'), 0)
 
 
 # ---- sleep in callback mode ------------------------------------------------------------

@@ -10,7 +10,8 @@
  * actions are pass, drop, repl:TEXT (same directives, new body), replnull
  * (REPLACE with no packet), hold (answered by the test, or by timeout),
  * inj:TEXT / injall:TEXT / injbad (session_inject after this filter / past
- * every filter / to a bad direction), weird (an unknown verdict value),
+ * every filter / to a bad direction), default (EZP_VERDICT_DEFAULT), weird (an unknown
+ * verdict value),
  * passrepl (PASS with a replacement left set) and close (session_close from
  * inside the callback). Every packet and session event a filter sees is
  * recorded; per-session state is allocated at OPENED and freed at CLOSED so
@@ -289,6 +290,10 @@ static int script_packet(void *instance, struct ezp_filter_call *call)
 	if (!strcmp(act, "droprepl")) {
 		call->replacement = make_pkt(core, "", 0, "ignored");
 		return EZP_VERDICT_DROP;
+	}
+	if (!strcmp(act, "default")) {
+		call->replacement = make_pkt(core, "", 0, "ignored");
+		return EZP_VERDICT_DEFAULT;
 	}
 	if (!strcmp(act, "weird")) {
 		call->replacement = make_pkt(core, "", 0, "ignored");
@@ -1067,6 +1072,12 @@ static void test_verdicts_three_filters(void **state)
 	send_text(c, "#f3=weird|g");
 	e = tap_packet(tc, EZP_DIR_TO_SERVER, "#f3=weird|g", "unknown verdict at a drop stage");
 	check_tev(&e, EZP_PKT_DROPPED, EZP_VERDICT_DROP, NULL, "unknown verdict, Default: drop");
+	/* DEFAULT: the same, asked for (no warning) */
+	send_text(c, "#f1=default|f");
+	expect_dgram(srv, "#f1=default|f", "DEFAULT at a pass stage");
+	send_text(c, "#f3=default|g");
+	e = tap_packet(tc, EZP_DIR_TO_SERVER, "#f3=default|g", "DEFAULT at a drop stage");
+	check_tev(&e, EZP_PKT_DROPPED, EZP_VERDICT_DROP, NULL, "DEFAULT, Default: drop");
 	/* PASS with a stray replacement: passes unchanged */
 	send_text(c, "#f2=passrepl|h");
 	expect_dgram(srv, "#f2=passrepl|h", "pass with a stray replacement");
@@ -1105,8 +1116,9 @@ static void test_verdicts_three_filters(void **state)
 	assert_int_equal(sn.dir, EZP_DIR_TO_CLIENT);
 
 	s = the_session("p");
-	/* drops: a, a2, d, g, z; replaces: b, c, d(then dropped), e, y; injected: I2, IA */
-	assert_int_equal(s.dropped, 5);
+	/* drops: a, a2, d, g, the DEFAULT g, z; replaces: b, c, d(then dropped), e, y;
+	 * injected: I2, IA */
+	assert_int_equal(s.dropped, 6);
 	assert_int_equal(s.replaced, 4);
 	assert_int_equal(s.injected, 2);
 	assert_int_equal(events_of("f1", EZP_SESSION_OPENED), 1);
@@ -1193,6 +1205,11 @@ static void test_holds_at_stages(void **state)
 	g = wait_hold("f3", "#f3=hold|G3", "G3");
 	assert_int_equal(core->filter_answer(core->ctx, g, EZP_VERDICT_REPLACE, NULL), EZP_OK);
 	expect_dgram(srv, "", "REPLACE answered with no packet: empty");
+	send_text(c, "#f3=hold|G4");
+	g = wait_hold("f3", "#f3=hold|G4", "G4");
+	answer(g, EZP_VERDICT_DEFAULT, NULL);
+	e = tap_packet(tc, EZP_DIR_TO_SERVER, "#f3=hold|G4", "G4 answered DEFAULT (drop)");
+	check_tev(&e, EZP_PKT_DROPPED, EZP_VERDICT_DROP, NULL, "G4");
 
 	/* the to-client direction holds independently of the to-server one */
 	send_text(c, "#f1=hold|H");

@@ -1306,6 +1306,26 @@ static void test_close(void **state)
 
 /* ---- 8. swap a pipeline's `to` ---------------------------------------------------- */
 
+/* core->pipeline_addresses: @to_port is where @pipeline connects now; bound is its listener. */
+static void check_addresses(const char *pipeline, uint16_t to_port, const char *what)
+{
+	const struct ezp_core *core = ezp_daemon_core(T->d);
+	struct ezp_addr bound, to;
+	int rc;
+
+	memset(&bound, 0xff, sizeof(bound));
+	memset(&to, 0xff, sizeof(to));
+	rc = core->pipeline_addresses(core->ctx, pipeline, &bound, &to);
+	if (rc != EZP_OK)
+		fail_msg("%s: pipeline_addresses(%s): %s", what, pipeline, ezp_status_str(rc));
+	if (addr_port(&bound) != bound_port(pipeline) || addr_port(&to) != to_port)
+		fail_msg("%s: pipeline_addresses says bound %u to %u, expected %u and %u", what,
+			 addr_port(&bound), addr_port(&to), bound_port(pipeline), to_port);
+	assert_int_equal(core->pipeline_addresses(core->ctx, pipeline, NULL, NULL), EZP_OK);
+	assert_int_equal(core->pipeline_addresses(core->ctx, "no-such", &bound, &to),
+			 EZP_ERR_NOT_FOUND);
+}
+
 static void test_swap_pipeline_to(void **state)
 {
 	struct srv *a = srv_start(SRV_TCP_TAG, "A:"), *b = srv_start(SRV_TCP_TAG, "B:");
@@ -1317,6 +1337,7 @@ static void test_swap_pipeline_to(void **state)
 	(void)state;
 	current_test = __func__;
 	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), a->port);
+	check_addresses("p", a->port, "before the swap");
 	c1 = tcp_client(bound_port("p"));
 	tcp_roundtrip(c1, "x\n", "A:x\n", "before the swap");
 	s1 = session_of(c1, "p");
@@ -1325,6 +1346,7 @@ static void test_swap_pipeline_to(void **state)
 	rc = ezp_pipeline_swap_to(T->d, "p", to, 0, &err);
 	if (rc != EZP_OK)
 		fail_msg("ezp_pipeline_swap_to: %s: %s", ezp_status_str(rc), err.message);
+	check_addresses("p", b->port, "after the swap");
 	tcp_roundtrip(c1, "y\n", "A:y\n", "an old session keeps its server");
 	c2 = tcp_client(bound_port("p"));
 	tcp_roundtrip(c2, "z\n", "B:z\n", "a new session gets the new `to`");

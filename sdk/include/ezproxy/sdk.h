@@ -312,6 +312,12 @@ enum ezp_verdict {
 	EZP_VERDICT_DROP = 1,
 	EZP_VERDICT_REPLACE = 2, /* call->replacement holds the new packet */
 	EZP_VERDICT_HOLD = 3,    /* the filter answers later with core->filter_answer */
+	/*
+	 * The filter could not decide (a script error, say): the packet gets
+	 * the stage's Default, as after HoldTimeoutMs. From packet or as an
+	 * answer; the core logs nothing, the filter says why.
+	 */
+	EZP_VERDICT_DEFAULT = 4,
 };
 
 enum ezp_filter_flags {
@@ -646,6 +652,17 @@ struct ezp_core {
 
 	/* The daemon this table belongs to (plugins keep it from init). */
 	struct ezp_core_ctx *ctx;
+
+	/*
+	 * pipeline_addresses - where pipeline @name listens (@bound) and where
+	 * new sessions connect now (@to, which a swap of the pipeline's To
+	 * changes). An address is zeroed (len 0) while not known: before the
+	 * listener is bound, or for a To with no address. Either pointer may be
+	 * NULL. Returns EZP_ERR_NOT_FOUND for no such pipeline (not applied
+	 * yet, or removed). Thread: any; never blocks on a worker.
+	 */
+	int (*pipeline_addresses)(struct ezp_core_ctx *ctx, const char *name,
+				  struct ezp_addr *bound, struct ezp_addr *to);
 };
 
 #ifdef __cplusplus
