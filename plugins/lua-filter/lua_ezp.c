@@ -156,18 +156,71 @@ void lf_session_close(struct lf_group *g, struct lf_entry *e)
 	lf_entry_unref(e); /* the slot's */
 }
 
-int lf_group_ids(struct lf_group *g, uint64_t **out, size_t *n)
+void lf_group_set_scope(struct lf_group *g, const void *scope)
 {
-	struct lf_entry *e;
-	size_t k = 0, cap;
+	pthread_mutex_lock(&lf_groups_lock);
+	g->scope = scope;
+	pthread_mutex_unlock(&lf_groups_lock);
+}
+
+void lf_groups_clear_scope(const void *scope)
+{
+	struct lf_group *g;
+
+	pthread_mutex_lock(&lf_groups_lock);
+	for (g = lf_groups; g; g = g->next)
+		if (g->scope == scope)
+			g->scope = NULL;
+	pthread_mutex_unlock(&lf_groups_lock);
+}
+
+/*
+ * The groups @s speaks for, each ref'd, in *out (malloc'd; release with
+ * lf_scope_put): its own, and in main mode every group sharing its runner.
+ */
+static size_t lf_scope(struct lf_script *s, struct lf_group ***out)
+{
+	struct lf_group *g, **v;
+	size_t n = 0, cap = 0;
+
+	pthread_mutex_lock(&lf_groups_lock);
+	for (g = lf_groups; g; g = g->next)
+		cap++;
+	v = calloc(cap + 1, sizeof(*v));
+	for (g = lf_groups; v && g; g = g->next)
+		if (g == s->group || (s->main && g->scope == s->main)) {
+			g->refs++;
+			v[n++] = g;
+		}
+	pthread_mutex_unlock(&lf_groups_lock);
+	*out = v;
+	return n;
+}
+
+static void lf_scope_put(struct lf_group **v, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		lf_group_put(v[i]);
+	free(v);
+}
+
+/* Live session ids of every group @s speaks for; *out malloc'd. */
+static int lf_scope_ids(struct lf_script *s, uint64_t **out, size_t *n)
+{
+	struct lf_group **gs;
+	size_t ng = lf_scope(s, &gs), k = 0, cap = 1;
 	uint64_t *v;
 
-	pthread_mutex_lock(&g->lock);
-	cap = (size_t)atomic_load(&g->n_live) + 1;
-	v = malloc(cap * sizeof(*v));
-	for (e = g->entries; v && e && k < cap; e = e->next)
-		v[k++] = e->id;
-	pthread_mutex_unlock(&g->lock);
+	for (size_t i = 0; i < ng; i++)
+		cap += (size_t)atomic_load(&gs[i]->n_live);
+	v = gs ? malloc(cap * sizeof(*v)) : NULL;
+	for (size_t i = 0; v && i < ng; i++) {
+		pthread_mutex_lock(&gs[i]->lock);
+		for (struct lf_entry *e = gs[i]->entries; e && k < cap; e = e->next)
+			v[k++] = e->id;
+		pthread_mutex_unlock(&gs[i]->lock);
+	}
+	lf_scope_put(gs, ng);
 	if (!v)
 		return EZP_ERR_NOMEM;
 	*out = v;
@@ -175,17 +228,23 @@ int lf_group_ids(struct lf_group *g, uint64_t **out, size_t *n)
 	return EZP_OK;
 }
 
-static struct lf_entry *lf_entry_find(struct lf_group *g, uint64_t id)
+/* Session @id among the groups @s speaks for (ref'd), or NULL. */
+static struct lf_entry *lf_entry_find(struct lf_script *s, uint64_t id)
 {
-	struct lf_entry *e;
+	struct lf_group **gs;
+	size_t ng = lf_scope(s, &gs);
+	struct lf_entry *e = NULL;
 
-	pthread_mutex_lock(&g->lock);
-	for (e = g->entries; e; e = e->next)
-		if (e->id == id) {
-			atomic_fetch_add(&e->refs, 1);
-			break;
-		}
-	pthread_mutex_unlock(&g->lock);
+	for (size_t i = 0; !e && i < ng; i++) {
+		pthread_mutex_lock(&gs[i]->lock);
+		for (e = gs[i]->entries; e; e = e->next)
+			if (e->id == id) {
+				atomic_fetch_add(&e->refs, 1);
+				break;
+			}
+		pthread_mutex_unlock(&gs[i]->lock);
+	}
+	lf_scope_put(gs, ng);
 	return e;
 }
 
@@ -245,7 +304,7 @@ static int lf_inject_ids(lua_State *L, struct lf_script *s, lua_Integer id, unsi
 	size_t n = 1;
 	int ok = 1;
 
-	if (id == -1 && lf_group_ids(s->group, &ids, &n) != EZP_OK)
+	if (id == -1 && lf_scope_ids(s, &ids, &n) != EZP_OK)
 		return luaL_error(L, "out of memory");
 	for (size_t i = 0; i < n; i++)
 		for (int dir = 0; dir < 2; dir++)
@@ -291,11 +350,17 @@ static int lf_ezp_close(lua_State *L)
 	size_t n = 1;
 	int ok = 1;
 
-	if (id == -2) {
-		lua_pushboolean(L, lf_control_delete_pipeline(s->group) == EZP_OK);
+	if (id == -2) { /* the pipeline(s) themselves */
+		struct lf_group **gs;
+		size_t ng = lf_scope(s, &gs);
+		for (size_t i = 0; i < ng; i++)
+			if (lf_control_delete_pipeline(gs[i]) != EZP_OK)
+				ok = 0;
+		lf_scope_put(gs, ng);
+		lua_pushboolean(L, ok && ng);
 		return 1;
 	}
-	if (id == -1 && lf_group_ids(s->group, &ids, &n) != EZP_OK)
+	if (id == -1 && lf_scope_ids(s, &ids, &n) != EZP_OK)
 		return luaL_error(L, "out of memory");
 	for (size_t i = 0; i < n; i++)
 		if (s->core->close(s->core->ctx, ids[i], NULL, NULL) != EZP_OK)
@@ -359,20 +424,29 @@ static int lf_ezp_proxy_address(lua_State *L)
 	return lf_push_addr(L, lf_script_of(L)->group, 1);
 }
 
-static int lf_ezp_bytes_sent(lua_State *L)
+/* Sum of a counter over the groups the calling script speaks for. */
+static int lf_push_sum(lua_State *L, int live)
 {
 	struct lf_script *s = lf_script_of(L);
+	struct lf_group **gs;
+	size_t ng = lf_scope(s, &gs);
+	uint64_t sum = 0;
 
-	lua_pushinteger(L, (lua_Integer)atomic_load(&s->group->bytes_total));
+	for (size_t i = 0; i < ng; i++)
+		sum += live ? atomic_load(&gs[i]->n_live) : atomic_load(&gs[i]->bytes_total);
+	lf_scope_put(gs, ng);
+	lua_pushinteger(L, (lua_Integer)sum);
 	return 1;
+}
+
+static int lf_ezp_bytes_sent(lua_State *L)
+{
+	return lf_push_sum(L, 0);
 }
 
 static int lf_ezp_proxy_count(lua_State *L)
 {
-	struct lf_script *s = lf_script_of(L);
-
-	lua_pushinteger(L, (lua_Integer)atomic_load(&s->group->n_live));
-	return 1;
+	return lf_push_sum(L, 1);
 }
 
 static int lf_ezp_get_packets(lua_State *L)
@@ -534,7 +608,7 @@ static int lf_ezp_get_proxy(lua_State *L)
 	struct lf_script *s = lf_script_of(L);
 	lua_Integer id = luaL_checkinteger(L, lf_base(L));
 	struct lf_entry **pe;
-	struct lf_entry *e = lf_entry_find(s->group, (uint64_t)id);
+	struct lf_entry *e = lf_entry_find(s, (uint64_t)id);
 
 	if (!e) {
 		lua_pushnil(L);

@@ -387,7 +387,9 @@ static int lf_create(const struct ezp_filter_ctx *ctx, const void *config, void 
 		in->main = lf_main_get(ctx->core, conf, in->group, err);
 		if (!in->main)
 			goto fail;
+		lf_group_set_scope(in->group, in->main);
 	} else {
+		lf_group_set_scope(in->group, NULL);
 		in->script = lf_script_new(ctx->core, conf, LF_MODE_CALLBACK, in->group, why,
 					   sizeof(why));
 		if (!in->script) {

@@ -65,6 +65,7 @@ struct lf_group {
 	atomic_uint_fast64_t n_live;
 	atomic_uint n_inst;          /* callback-mode instances (one per worker) */
 	atomic_uint n_reloads;       /* reloads done by them: the last of a round logs at info */
+	const void *scope;           /* lf_groups_lock: the main runner it shares, else NULL */
 	struct lf_group *next;
 };
 
@@ -78,8 +79,13 @@ void lf_session_change(struct lf_group *g, struct lf_entry *e,
 		       const struct ezp_session_info *info);
 void lf_session_close(struct lf_group *g, struct lf_entry *e);
 void lf_entry_unref(struct lf_entry *e);
-/* Live session ids of the group; *out malloc'd. */
-int lf_group_ids(struct lf_group *g, uint64_t **out, size_t *n);
+/*
+ * Main mode: @g's sessions are seen by runner @scope (NULL: no more). One
+ * runner may serve several pipelines (the old config form); its ezp table
+ * speaks for all of them.
+ */
+void lf_group_set_scope(struct lf_group *g, const void *scope);
+void lf_groups_clear_scope(const void *scope);
 
 /* ---- one loaded script (lua_sandbox.c) ---- */
 

@@ -10,7 +10,8 @@
  * after it returns. One runner per script file in main mode, shared by
  * every worker and every pipeline that uses it (the old config form puts
  * the filter on two pipelines: EzpMain still runs once); its ezp table
- * speaks for the pipeline that started it.
+ * speaks for all of them (sessions, counts, close(-1), close(-2)), and
+ * get_server_address/get_proxy_address answer for the first one.
  * Thread: lf_main_get/put on the control thread (put: any); post functions
  * on workers; everything else on the runner thread.
  */
@@ -466,6 +467,7 @@ void lf_main_put(struct lf_main *m)
 	pthread_cond_signal(&m->cond);
 	pthread_mutex_unlock(&m->lock);
 	pthread_join(m->thread, NULL);
+	lf_groups_clear_scope(m);
 	while ((ev = lf_main_pop(m)))
 		lf_event_free(m, ev);
 	lf_script_unref(m->pending);

@@ -1038,7 +1038,14 @@ class T08Legacy(LuaCase):
         main = script('''
             function EzpMain(ezp)
               log(LEVEL_INFO, "T:LMAIN " .. tostring(ezp.get_proxy_address()))
-              while true do sleep(50) end
+              -- one runner speaks for both pipelines: their sessions, their counts
+              ezp.get_packets(function(ezp, pkt)
+                if pkt.serverbound then
+                  local s = ezp.get_proxy(pkt.proxy_id)
+                  log(LEVEL_INFO, string.format("T:LPKT %s count=%d",
+                      s and s.get_network() or "nil", ezp.get_proxy_count()))
+                end
+              end)
             end
         ''')
         d = self.lua_daemon(LEGACY % (listen, echo.port, 'main.lua', 'main'),
@@ -1047,8 +1054,11 @@ class T08Legacy(LuaCase):
         d.wait_line(r'ezproxy running')
         c = self.client(listen)
         self.assertEqual(c.rt(b'abc'), b'abc')
+        self.assertEqual(self.wait(d, r'T:LPKT (.*)').group(1), 'tcp count=1')
+        mark = d.mark()
         uc = self.udp(listen)
         self.assertEqual(uc.rt(b'abc'), b'abc')
+        self.assertEqual(self.wait(d, r'T:LPKT (.*)', since=mark).group(1), 'udp count=2')
         self.assertEqual(self.count(d, r'T:LMAIN'), 1, 'EzpMain ran more than once')
         self.assertEqual(m.group(1), '127.0.0.1:%d' % listen)
 
