@@ -73,6 +73,7 @@ static int lf_class(int c, int cl)
 	case 'u': r = isupper(c); break;
 	case 'w': r = isalnum(c); break;
 	case 'x': r = isxdigit(c); break;
+	case 'z': r = c == 0; break; /* deprecated in 5.4, still accepted */
 	default: return cl == c;
 	}
 	r = r != 0;
@@ -248,7 +249,7 @@ static const char *lf_match(struct lf_ms *ms, const char *s, const char *p)
 	const char *ep;
 
 	if (ms->depth-- == 0)
-		luaL_error(ms->L, "pattern too complex (nested too deep)");
+		luaL_error(ms->L, "pattern too complex");
 	lf_step(ms);
 	while (p < ms->p_end) {
 		switch (*p) {
