@@ -1043,23 +1043,28 @@ def api_summary(rounds: list[dict]) -> dict:
     return summary
 
 
-def print_api_table(summary: dict, out=sys.stdout):
-    head = ["API (ezproxy only)", "median", "per round", "target", "met?"]
+def print_rows_table(title: str, rows: dict, summary: dict, note: str, out=sys.stdout):
+    """One ezproxy-only table: a row per metric with its median, per-round values and target."""
+    head = [title, "median", "per round", "target", "met?"]
     body = []
     for row, s in summary.items():
-        f = API_ROWS[row][1]
+        f = rows[row][1]
         med = s["median"]
-        cells = [s["label"], f.format(med) if med is not None else "n/a",
-                 " ".join(f.format(v) if v is not None else "-" for v in s["per_round"]),
-                 s["target"], {True: "yes", False: "NO", None: ""}[s.get("met")]]
-        body.append(cells)
+        body.append([s["label"], f.format(med) if med is not None else "n/a",
+                     " ".join(f.format(v) if v is not None else "-" for v in s["per_round"]),
+                     s["target"], {True: "yes", False: "NO", None: ""}[s.get("met")]])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     for cells in [head, ["-" * w for w in widths], *body]:
         print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
                         for i, c in enumerate(cells)), file=out)
-    print("\nno loss = in every round; ratio and added latency = medians over rounds. Bulk and UDP "
-          "unpinned; the rr rows pinned to one CPU (client, daemon, echo server, filter socket).",
-          file=out)
+    print("\n" + note, file=out)
+
+
+def print_api_table(summary: dict, out=sys.stdout):
+    print_rows_table("API (ezproxy only)", API_ROWS, summary,
+                     "no loss = in every round; ratio and added latency = medians over rounds. "
+                     "Bulk and UDP unpinned; the rr rows pinned to one CPU (client, daemon, echo "
+                     "server, filter socket).", out)
 
 
 # --------------------------------------------------------------------------- Lua (--lua)
@@ -1162,20 +1167,9 @@ def lua_summary(rounds: list[dict]) -> dict:
 
 
 def print_lua_table(summary: dict, out=sys.stdout):
-    head = ["Lua (ezproxy only)", "median", "per round", "target", "met?"]
-    body = []
-    for row, s in summary.items():
-        f = LUA_ROWS[row][1]
-        med = s["median"]
-        body.append([s["label"], f.format(med) if med is not None else "n/a",
-                     " ".join(f.format(v) if v is not None else "-" for v in s["per_round"]),
-                     s["target"], {True: "yes", False: "NO", None: ""}[s.get("met")]])
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    for cells in [head, ["-" * w for w in widths], *body]:
-        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
-                        for i, c in enumerate(cells)), file=out)
-    print("\nratios per round, then the median over rounds; both pipelines in one daemon, pinned "
-          "to one CPU with the client and the echo server.", file=out)
+    print_rows_table("Lua (ezproxy only)", LUA_ROWS, summary,
+                     "ratios per round, then the median over rounds; both pipelines in one daemon, "
+                     "pinned to one CPU with the client and the echo server.", out)
 
 
 # --------------------------------------------------------------------------- summary

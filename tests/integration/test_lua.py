@@ -1038,14 +1038,17 @@ class T08Legacy(LuaCase):
         main = script('''
             function EzpMain(ezp)
               log(LEVEL_INFO, "T:LMAIN " .. tostring(ezp.get_proxy_address()))
-              -- one runner speaks for both pipelines: their sessions, their counts
-              ezp.get_packets(function(ezp, pkt)
-                if pkt.serverbound then
-                  local s = ezp.get_proxy(pkt.proxy_id)
-                  log(LEVEL_INFO, string.format("T:LPKT %s count=%d",
-                      s and s.get_network() or "nil", ezp.get_proxy_count()))
-                end
-              end)
+              while true do sleep(50) end
+            end
+            -- served on the runner from the first packet (get_packets would race the
+            -- first packet): one runner speaks for both pipelines' sessions and counts
+            function EzpFilter(ezp, pkt)
+              if pkt.serverbound then
+                local s = ezp.get_proxy(pkt.proxy_id)
+                log(LEVEL_INFO, string.format("T:LPKT %s count=%d",
+                    s and s.get_network() or "nil", ezp.get_proxy_count()))
+              end
+              return true
             end
         ''')
         d = self.lua_daemon(LEGACY % (listen, echo.port, 'main.lua', 'main'),
