@@ -39,6 +39,17 @@ static void lf_waiter_unref(struct lf_waiter *w)
 	free(w);
 }
 
+/* Has the caller stopped waiting (its script is stopping)? Then only the log can tell it. */
+static int lf_waiter_alone(struct lf_waiter *w)
+{
+	int alone;
+
+	pthread_mutex_lock(&w->lock);
+	alone = w->refs == 1;
+	pthread_mutex_unlock(&w->lock);
+	return alone;
+}
+
 struct lf_job {
 	int kind;
 	struct lf_group *group; /* ref'd */
@@ -81,7 +92,7 @@ static void lf_job_run(struct lf_job *j)
 	}
 	if (j->kind == LF_JOB_SWAP) {
 		rc = c->session_swap_server(g->core->ctx, j->id, j->addr, &err);
-		if (rc != EZP_OK && !j->waiter)
+		if (rc != EZP_OK && (!j->waiter || lf_waiter_alone(j->waiter)))
 			g->core->log(EZP_LOG_WARN, LF_SRC, "set_server(%lu, %s) failed: %s",
 				     (unsigned long)j->id, j->addr, err.message);
 	} else {
@@ -194,7 +205,10 @@ static int lf_post_wait(struct lf_group *g, int kind, uint64_t id, const char *a
 	w->refs = 2;
 	rc = lf_post(g, kind, id, addr, w);
 	if (rc != EZP_OK && rc != EZP_ERR_AGAIN) { /* not queued */
-		snprintf(why, why_len, "cannot queue the call (status %d)", rc);
+		if (rc == EZP_ERR_INVAL) /* lf_post says so of a too long address only */
+			snprintf(why, why_len, "'%.40s...' is too long for an address", addr);
+		else
+			snprintf(why, why_len, "cannot queue the call (status %d)", rc);
 		w->refs = 1;
 		lf_waiter_unref(w);
 		return rc;

@@ -455,6 +455,9 @@ static int lf_ezp_get_packets(lua_State *L)
 	int b = lf_base(L);
 	lua_Debug ar;
 
+	/* refused before anything changes: the running get_packets keeps its callback */
+	if (s->main && lf_main_waiting(s->main))
+		return luaL_error(L, "get_packets: already waiting for packets");
 	if (s->ref_packets != LUA_NOREF)
 		luaL_unref(L, LUA_REGISTRYINDEX, s->ref_packets);
 	s->ref_packets = LUA_NOREF;
@@ -596,7 +599,12 @@ static int lf_s_gc(lua_State *L)
 	return 0;
 }
 
-static int lf_ezp_get_proxy(lua_State *L)
+/*
+ * A new session object on the stack, bound to no session yet: the caller
+ * stores a reference in the slot returned. Made before the reference is
+ * taken, so an allocation error (a script at its memory limit) leaks none.
+ */
+static struct lf_entry **lf_session_obj(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
 		{"is_alive", lf_s_is_alive},       {"send_to_client", lf_s_send_client},
@@ -605,25 +613,45 @@ static int lf_ezp_get_proxy(lua_State *L)
 		{"get_server_addr", lf_s_server},  {"get_bytes_sent", lf_s_bytes},
 		{"get_last_contact", lf_s_last_contact}, {NULL, NULL},
 	};
-	struct lf_script *s = lf_script_of(L);
-	lua_Integer id = luaL_checkinteger(L, lf_base(L));
-	struct lf_entry **pe;
-	struct lf_entry *e = lf_entry_find(s, (uint64_t)id);
+	struct lf_entry **pe = lua_newuserdatauv(L, sizeof(*pe), 0);
 
-	if (!e) {
-		lua_pushnil(L);
-		return 1;
-	}
-	lua_createtable(L, 0, 10);
-	pe = lua_newuserdatauv(L, sizeof(*pe), 0);
-	*pe = e;
+	*pe = NULL; /* lf_s_gc takes NULL */
 	luaL_setmetatable(L, LF_SESSION_MT);
+	lua_createtable(L, 0, 10);
+	lua_insert(L, -2);
 	for (const luaL_Reg *m = methods; m->name; m++) {
 		lua_pushvalue(L, -1);
 		lua_pushcclosure(L, m->func, 1);
 		lua_setfield(L, -3, m->name);
 	}
 	lua_setfield(L, -2, "_session");
+	return pe;
+}
+
+/*
+ * The hooks get their session this way, not through ezp.get_proxy: in main
+ * mode EzpOnSessionClose runs after the session left the registry, and the
+ * ezp table is the script's to change.
+ */
+void lf_push_session(lua_State *L, struct lf_entry *e)
+{
+	struct lf_entry **pe = lf_session_obj(L);
+
+	atomic_fetch_add(&e->refs, 1);
+	*pe = e;
+}
+
+static int lf_ezp_get_proxy(lua_State *L)
+{
+	struct lf_script *s = lf_script_of(L);
+	lua_Integer id = luaL_checkinteger(L, lf_base(L));
+	struct lf_entry **pe = lf_session_obj(L);
+
+	*pe = lf_entry_find(s, (uint64_t)id); /* ref'd: the object's */
+	if (!*pe) {
+		lua_pop(L, 1);
+		lua_pushnil(L);
+	}
 	return 1;
 }
 

@@ -219,32 +219,32 @@ static int lf_packet(void *instance, struct ezp_filter_call *call)
 static void lf_call_hook(struct lf_script *s, const char *name, struct lf_entry *e)
 {
 	lua_State *co;
-	int nres = 0, rc;
+	int nres = 0, rc, limit = s->limit_on;
 
-	if (lua_getglobal(s->L, name) != LUA_TFUNCTION) {
+	if (lf_getglobal(s->L, name) != LUA_TFUNCTION) {
 		lua_pop(s->L, 1);
 		return;
 	}
+	s->limit_on = 0; /* our own pushes, also if a script call got us here */
 	co = lf_co_take(s);
 	lua_rotate(s->L, -2, 1);
 	lua_xmove(s->L, co, 1);
 	lua_rawgeti(co, LUA_REGISTRYINDEX, s->ref_ezp);
-	lua_getfield(co, -1, "get_proxy");
-	lua_pushinteger(co, (lua_Integer)e->id);
-	lua_call(co, 1, 1); /* a session object, or nil once gone */
+	lf_push_session(co, e); /* not ezp.get_proxy: the script may have changed it */
 	lf_script_budget(s);
 	rc = lf_script_resume(s, co, 2, &nres);
 	if (rc == LUA_OK) {
 		lf_co_recycle(s, co);
-		return;
+	} else {
+		if (rc == LUA_YIELD) {
+			lua_settop(co, 0);
+			lua_pushfstring(co, "%s: %s cannot sleep or yield", s->path, name);
+			rc = LUA_ERRRUN;
+		}
+		lf_script_error(s, co, rc, NULL);
+		lua_pop(s->L, 1);
 	}
-	if (rc == LUA_YIELD) {
-		lua_settop(co, 0);
-		lua_pushfstring(co, "%s: %s cannot sleep or yield", s->path, name);
-		rc = LUA_ERRRUN;
-	}
-	lf_script_error(s, co, rc, NULL);
-	lua_pop(s->L, 1);
+	s->limit_on = limit;
 }
 
 static void lf_session_event(void *instance, struct ezp_session *session, int event,

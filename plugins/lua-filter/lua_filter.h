@@ -105,6 +105,7 @@ struct lf_script {
 	lua_State *L;
 	size_t mem_used, mem_limit;
 	int mem_hit;              /* the allocator refused: the error is the memory limit */
+	int limit_on;             /* script code runs (a resume, the load): the limit applies */
 	int64_t budget;           /* instructions left in this call */
 	int64_t instr_limit;
 	int exhausted;            /* the budget ran out; the hook keeps firing */
@@ -144,6 +145,8 @@ void lf_script_unref(struct lf_script *s);
 void lf_script_budget(struct lf_script *s);
 /* Log a script error (message on top of @L's stack, popped) at ERROR, rate limited. */
 void lf_script_error(struct lf_script *s, lua_State *L, int status, const char *what);
+/* Push the script's global @name, raw (never _G's metamethods); returns its type. */
+int lf_getglobal(lua_State *L, const char *name);
 static inline struct lf_script *lf_script_of(lua_State *L)
 {
 	return *(struct lf_script **)lua_getextraspace(L);
@@ -156,6 +159,8 @@ void lf_pattern_open(lua_State *L); /* replaces string.find/match/gmatch/gsub */
 void lf_ezp_open(lua_State *L, struct lf_script *s); /* sets s->ref_ezp, globals */
 void lf_push_pkt(lua_State *L, struct lf_script *s, const struct ezp_packet *pkt,
 		 const struct lf_entry *e);
+/* Push a session object for @e (it takes a reference of its own). */
+void lf_push_session(lua_State *L, struct lf_entry *e);
 
 /* ---- blocking control calls on the plugin's own thread (lua_control.c) ---- */
 int lf_control_start(void);
@@ -174,6 +179,10 @@ void lf_main_put(struct lf_main *m);
 /* Does the main script want packets (get_packets / EzpFilter / EzpOnPacket)? */
 int lf_main_wants_packets(struct lf_main *m);
 int lf_main_stopping(struct lf_main *m);
+/* Is the runner inside a wait (get_packets, sleep)? get_packets may not start there. */
+int lf_main_waiting(struct lf_main *m);
+/* From the count hook of the runner's script: do a reload asked for meanwhile. */
+void lf_main_hook(struct lf_main *m, struct lf_script *s);
 /* Look again at what the script defines (after get_packets). Runner thread. */
 void lf_main_set_wants(struct lf_main *m, struct lf_script *s);
 /* Queue a held packet for the main thread. (pkt is ref'd inside.) */

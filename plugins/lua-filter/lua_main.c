@@ -56,10 +56,10 @@ void lf_main_set_wants(struct lf_main *m, struct lf_script *s)
 {
 	int fn = 0;
 
-	if (lua_getglobal(s->L, "EzpFilter") == LUA_TFUNCTION)
+	if (lf_getglobal(s->L, "EzpFilter") == LUA_TFUNCTION)
 		fn = 1;
 	lua_pop(s->L, 1);
-	if (lua_getglobal(s->L, "EzpOnPacket") == LUA_TFUNCTION)
+	if (lf_getglobal(s->L, "EzpOnPacket") == LUA_TFUNCTION)
 		fn = 1;
 	lua_pop(s->L, 1);
 	atomic_store(&m->wants, fn || s->ref_packets != LUA_NOREF);
@@ -68,6 +68,11 @@ void lf_main_set_wants(struct lf_main *m, struct lf_script *s)
 int lf_main_stopping(struct lf_main *m)
 {
 	return atomic_load_explicit(&m->stopping, memory_order_relaxed);
+}
+
+int lf_main_waiting(struct lf_main *m)
+{
+	return m->in_get_packets || m->sleep_depth;
 }
 
 int lf_main_wants_packets(struct lf_main *m)
@@ -203,7 +208,7 @@ static void lf_main_session(struct lf_main *m, struct lf_mevent *ev)
 	lua_State *co;
 	int nres = 0;
 
-	if (lua_getglobal(s->L, name) != LUA_TFUNCTION) {
+	if (lf_getglobal(s->L, name) != LUA_TFUNCTION) {
 		lua_pop(s->L, 1);
 		return;
 	}
@@ -211,19 +216,22 @@ static void lf_main_session(struct lf_main *m, struct lf_mevent *ev)
 	lua_rotate(s->L, -2, 1);
 	lua_xmove(s->L, co, 1);
 	lua_rawgeti(co, LUA_REGISTRYINDEX, s->ref_ezp);
-	lua_getfield(co, -1, "get_proxy");
-	lua_pushinteger(co, (lua_Integer)ev->e->id);
-	lua_call(co, 1, 1);
+	lf_push_session(co, ev->e); /* the registry no longer has a closed one */
 	lf_main_call(m, co, 2, &nres);
 	lua_pop(s->L, 1);
 }
 
 static void lf_main_event(struct lf_main *m, struct lf_mevent *ev)
 {
+	struct lf_script *s = m->script;
+	int limit = s->limit_on;
+
+	s->limit_on = 0; /* our own pushes; served from inside sleep() too */
 	if (ev->type == LF_EV_PACKET)
 		lf_main_packet(m, ev);
 	else
 		lf_main_session(m, ev);
+	s->limit_on = limit;
 	lf_event_free(m, ev);
 }
 
@@ -252,6 +260,20 @@ static void lf_main_try_reload(struct lf_main *m)
 	m->pending = NULL;
 	lf_main_set_wants(m, s);
 	m->need_run = 1;
+}
+
+/*
+ * The count hook of the runner's script: a reload asked for while EzpMain
+ * computes without sleeping would wait for its next sleep() - for good in a
+ * loop that never sleeps. Compile the new script now: if it loads, the old
+ * EzpMain stops right here (s->stop) and lf_main_run starts the new one; if
+ * not, the old one goes on. Only in EzpMain's own code: a callback served
+ * from a sleep leaves the reload to that sleep's loop.
+ */
+void lf_main_hook(struct lf_main *m, struct lf_script *s)
+{
+	if (s == m->script && m->in_main && !m->sleep_depth && atomic_load(&m->reload_req))
+		lf_main_try_reload(m);
 }
 
 /* Wait @ms (or, with @ms < 0, until the get_packets callback says stop), serving events. */
@@ -312,9 +334,7 @@ int lf_main_get_packets(lua_State *L, struct lf_script *s)
 	struct lf_main *m = s->main;
 	int rc;
 
-	if (m->in_get_packets || m->sleep_depth)
-		return luaL_error(L, "get_packets: already waiting for packets");
-	m->in_get_packets = 1;
+	m->in_get_packets = 1; /* lf_ezp_get_packets refused a call from inside a wait */
 	s->watcher_off = 0;
 	lf_main_set_wants(m, s);
 	for (;;) {
@@ -336,7 +356,7 @@ static void lf_main_run(struct lf_main *m)
 	lua_State *co = lua_newthread(s->L);
 	int nres = 0;
 
-	lua_getglobal(co, "EzpMain");
+	lf_getglobal(co, "EzpMain");
 	lua_rawgeti(co, LUA_REGISTRYINDEX, s->ref_ezp);
 	m->in_main = 1;
 	lf_main_call(m, co, 1, &nres);

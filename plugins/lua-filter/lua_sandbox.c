@@ -22,6 +22,16 @@ char lf_sleep_token;
 
 /* ---- memory ---- */
 
+/*
+ * The limit holds while script code runs (s->limit_on: inside a resume or
+ * the load), where the error reaches the script or the plugin.
+ * The plugin's own pushes between two calls (the pkt table with the
+ * packet's bytes, a coroutine, a session object, an error message) run
+ * outside any protected call: refused there, Lua would panic and abort
+ * the daemon - a script keeping its state full would do that with the
+ * next packet. They are as big as the packet, not as the script wants,
+ * and no script code runs meanwhile (no __gc, raw global lookups).
+ */
 static void *lf_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
 	struct lf_script *s = ud;
@@ -33,7 +43,7 @@ static void *lf_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 		s->mem_used -= old;
 		return NULL;
 	}
-	if (nsize > old && s->mem_used - old + nsize > s->mem_limit) {
+	if (nsize > old && s->limit_on && s->mem_used - old + nsize > s->mem_limit) {
 		s->mem_hit = 1;
 		return NULL;
 	}
@@ -68,6 +78,8 @@ static void lf_hook(lua_State *L, lua_Debug *ar)
 	char where[128];
 
 	(void)ar;
+	if (s->main)
+		lf_main_hook(s->main, s); /* may set s->stop: a reload stops EzpMain here */
 	if (atomic_load_explicit(&s->stop, memory_order_relaxed) ||
 	    (s->main && lf_main_stopping(s->main))) {
 		lua_sethook(L, lf_hook, LUA_MASKCOUNT, 1);
@@ -237,6 +249,29 @@ static int lf_g_missing(lua_State *L)
 			  "debug)", lua_tostring(L, lua_upvalueindex(1)), luaL_tolstring(L, 2, NULL));
 }
 
+/*
+ * setmetatable, refusing a metatable with __gc: Lua runs finalizers with
+ * hooks off, so the instruction budget could not stop one (a loop in __gc
+ * would hang the worker for good), and they run wherever the collector
+ * steps, also outside the script's calls. An object is only marked for
+ * finalization when its metatable has __gc at this point, so refusing it
+ * here is enough.
+ */
+static int lf_g_setmetatable(lua_State *L)
+{
+	if (lua_type(L, 2) == LUA_TTABLE) {
+		lua_pushliteral(L, "__gc");
+		if (lua_rawget(L, 2) != LUA_TNIL)
+			return luaL_error(L, "setmetatable: __gc metamethods are not available in "
+					  "the sandbox");
+		lua_pop(L, 1);
+	}
+	lua_pushvalue(L, lua_upvalueindex(1));
+	lua_insert(L, 1);
+	lua_call(L, lua_gettop(L) - 1, 1);
+	return 1;
+}
+
 static void lf_missing_mt(lua_State *L, const char *name)
 {
 	lua_newtable(L);
@@ -279,6 +314,9 @@ static void lf_open_libs(lua_State *L)
 	lua_getfield(L, -1, "load");
 	lua_pushcclosure(L, lf_g_load, 1);
 	lua_setfield(L, -2, "load");
+	lua_getfield(L, -1, "setmetatable");
+	lua_pushcclosure(L, lf_g_setmetatable, 1);
+	lua_setfield(L, -2, "setmetatable");
 	lua_pushcfunction(L, lf_g_print);
 	lua_setfield(L, -2, "print");
 	lf_disable(L, lua_gettop(L), "require", "require");
@@ -311,6 +349,23 @@ static void lf_open_libs(lua_State *L)
 
 /* ---- making and loading ---- */
 
+/*
+ * A script may give _G an __index that raises for unknown names (the
+ * "strict globals" idiom); the plugin asks for functions a script may
+ * leave out, often outside any protected call, so it never goes through
+ * metamethods.
+ */
+int lf_getglobal(lua_State *L, const char *name)
+{
+	int t;
+
+	lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+	lua_pushstring(L, name);
+	t = lua_rawget(L, -2);
+	lua_remove(L, -2);
+	return t;
+}
+
 static int lf_load_protected(lua_State *L)
 {
 	struct lf_script *s = lua_touserdata(L, 1);
@@ -322,8 +377,8 @@ static int lf_load_protected(lua_State *L)
 	if (rc != LUA_OK)
 		return lua_error(L);
 	lua_call(L, 0, 0);
-	lua_getglobal(L, "EzpFilter");
-	lua_getglobal(L, "EzpOnPacket");
+	lf_getglobal(L, "EzpFilter");
+	lf_getglobal(L, "EzpOnPacket");
 	if (!lua_isnil(L, -1) && !lua_isnil(L, -2))
 		return luaL_error(L, "%s: defines both EzpFilter and EzpOnPacket; keep one",
 				  s->path);
@@ -332,7 +387,7 @@ static int lf_load_protected(lua_State *L)
 		return luaL_error(L, "%s: EzpFilter / EzpOnPacket must be functions", s->path);
 	lua_pop(L, 2);
 	if (s->mode == LF_MODE_MAIN) {
-		lua_getglobal(L, "EzpMain");
+		lf_getglobal(L, "EzpMain");
 		if (!lua_isfunction(L, -1))
 			return luaL_error(L, "%s: Mode is main but the script defines no EzpMain "
 					  "function", s->path);
@@ -371,7 +426,9 @@ struct lf_script *lf_script_new(const struct ezp_core *core, const struct lf_con
 	lf_script_budget(s);
 	lua_pushcfunction(s->L, lf_load_protected);
 	lua_pushlightuserdata(s->L, s);
+	s->limit_on = 1;
 	rc = lua_pcall(s->L, 1, 0, 0);
+	s->limit_on = 0;
 	if (rc != LUA_OK) {
 		const char *msg = lua_tostring(s->L, -1);
 		if (s->mem_hit || rc == LUA_ERRMEM)
@@ -398,10 +455,12 @@ void lf_script_unref(struct lf_script *s)
 int lf_script_resume(struct lf_script *s, lua_State *co, int nargs, int *nres)
 {
 	lua_State *prev = s->running;
-	int rc;
+	int rc, limit = s->limit_on;
 
 	s->running = co;
+	s->limit_on = 1;
 	rc = lua_resume(co, s->L, nargs, nres);
+	s->limit_on = limit;
 	s->running = prev;
 	return rc;
 }
@@ -410,12 +469,12 @@ int lf_push_filter_fn(struct lf_script *s, lua_State *L, int *onpacket, int *two
 {
 	*onpacket = 0;
 	*two_args = 1;
-	if (lua_getglobal(L, "EzpFilter") == LUA_TFUNCTION)
+	if (lf_getglobal(L, "EzpFilter") == LUA_TFUNCTION)
 		return 1;
 	lua_pop(L, 1);
 	if (s->watcher_off)
 		return 0;
-	if (lua_getglobal(L, "EzpOnPacket") == LUA_TFUNCTION) {
+	if (lf_getglobal(L, "EzpOnPacket") == LUA_TFUNCTION) {
 		*onpacket = 1;
 		return 1;
 	}

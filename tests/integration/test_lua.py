@@ -13,8 +13,13 @@ from inside EzpFilter guarded by pkt.injected; sleep in callback mode (order
 kept, nothing skipped, other sessions not blocked, hold timeout); the sandbox
 attacked (io, os, package/require/debug, bytecode, memory bombs, endless loops,
 pcall loops, the pattern bomb) with the daemon forwarding afterwards; reload
-good and bad (file change, SIGHUP, POST /api/3/config/reload) without dropping
-sessions; a script error mid-stream; the old program's config with Lua.Enable.
+good and bad (file change, SIGHUP, POST /api/3/config/reload, a deleted file)
+without dropping sessions, in both modes (main: EzpMain sleeping, returned, or
+busy and never sleeping); a script error mid-stream, error lines rate limited,
+hook errors; scripts with a strict _G or a changed ezp table; main-mode
+set_server (result and reasons), hooks, get_packets misuse; control calls that
+fail; configs the daemon refuses with the reason; the old program's config with
+Lua.Enable.
 
 Run from the repository root:
     python3 tests/integration/test_lua.py
@@ -240,6 +245,22 @@ BASIC = script('''
     end
 ''')
 
+WATCHERS = script('''
+    -- callback mode: get_packets(cb) installs a watcher, a new call replaces it, nil removes it
+    log(LEVEL_INFO, string.format("T:TOP proxy=%s server=%s", tostring(ezp.get_proxy_address()),
+        tostring(ezp.get_server_address())))
+    ezp.get_packets(function(pkt)
+      log(LEVEL_INFO, "T:W1 " .. pkt.data)
+      if pkt.serverbound and pkt.data == "switch" then
+        ezp.get_packets(function(ezp, pkt)
+          log(LEVEL_INFO, "T:W2 " .. pkt.data)
+          if pkt.serverbound and pkt.data == "off" then ezp.get_packets(nil) end
+          return false  -- a watcher: the packet passes whatever it returns
+        end)
+      end
+    end)
+''')
+
 
 class T01Callback(LuaCase):
     def test_verdicts_replace_pkt_fields_and_hooks(self):
@@ -325,6 +346,35 @@ class T01Callback(LuaCase):
         self.assertEqual(c.rt(b'after'), b'after')
         self.assertEqual(self.count(d, r'T:ONPKT .* after$', since=mark), 0,
                          'EzpOnPacket was called after it returned true')
+
+    def test_get_packets_watcher(self):
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('t', 'tcp', echo.port, [lua_item('w.lua')]), workers=1),
+                            {'w.lua': WATCHERS})
+        # the top level runs before the daemon listens: no proxy address yet (documented)
+        srv = '127.0.0.1:%d' % echo.port
+        self.assertEqual(self.wait(d, r'T:TOP proxy=(\S+)').group(1), 'nil')
+        c = self.client(d.port('t'))
+        self.assertEqual(c.rt(b'one'), b'one')
+        self.wait(d, r'T:W1 one$')
+        self.assertEqual(c.rt(b'switch'), b'switch')
+        mark = d.mark()
+        self.assertEqual(c.rt(b'two'), b'two')
+        self.wait(d, r'T:W2 two$', since=mark)
+        self.assertEqual(c.rt(b'off'), b'off')
+        self.wait(d, r'T:W2 off$')  # its line may come after the echo
+        mark = d.mark()
+        self.assertEqual(c.rt(b'three'), b'three')
+        # from the call that replaced it on: only the new watcher (which sees the echo)
+        self.assertEqual(self.count(d, r'T:W1 switch$'), 1)
+        self.assertEqual(self.count(d, r'T:W1 (two|off)$'), 0, 'the first watcher was kept')
+        self.assertEqual(self.count(d, r'T:W\d', since=mark), 0, 'get_packets(nil) kept watching')
+        # a reload runs the top level again, now with the listener bound
+        mark = d.mark()
+        with open(d.config_path) as f:
+            self.assertTrue(d.reload(f.read())[0])
+        self.assertEqual(self.wait(d, r'T:TOP (.*)$', since=mark).group(1),
+                         'proxy=127.0.0.1:%d server=%s' % (d.port('t'), srv))
 
     def test_filter_and_onpacket_together_refused(self):
         echo = self.servers()
@@ -431,6 +481,27 @@ API = script('''
       end
       say("T:DONE %s", d)
       return false  -- a command never reaches the server
+    end
+''')
+
+CONTROL = script('''
+    -- control calls that cannot succeed, in callback mode (queued, the failure is logged)
+    function EzpFilter(ezp, pkt)
+      if not pkt.serverbound then return true end
+      local d = pkt.data
+      if d == "swap-unknown" then
+        log(LEVEL_INFO, "T:CSWAP unknown " .. tostring(ezp.set_server(999999, "127.0.0.1:1")))
+      elseif d == "swap-long" then
+        local ok = ezp.set_server(pkt.proxy_id, string.rep("9", 300))
+        log(LEVEL_INFO, "T:CSWAP long " .. tostring(ok))
+      elseif d == "close-twice" then
+        local a = ezp.close(-2)
+        local b = ezp.close(-2)
+        log(LEVEL_INFO, string.format("T:CLOSE2 %s %s", tostring(a), tostring(b)))
+      else
+        return true
+      end
+      return false
     end
 ''')
 
@@ -557,6 +628,37 @@ class T02OldApi(LuaCase):
                          ('127.0.0.1:%d' % echo.port, '127.0.0.1:%d' % port),
                          'get_server_address(), get_proxy_address() on the first call')
 
+    def test_control_failures_are_reported(self):
+        """Callback mode: set_server answers at once (queued) and a failure is logged;
+        close(-2) twice closes the pipeline once and logs the second."""
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('t', 'tcp', echo.port, [lua_item('ctl.lua')])),
+                            {'ctl.lua': CONTROL})
+        port = d.port('t')
+        c = self.client(port)
+        self.assertEqual(c.rt(b'hi'), b'hi')
+        mark = d.mark()
+        c.send(b'swap-unknown')
+        self.assertEqual(self.wait(d, r'T:CSWAP unknown (\w+)$', since=mark).group(1), 'true')
+        self.wait(d, r'warn +' + LUA + r'set_server\(999999, 127\.0\.0\.1:1\) failed: '
+                  r'.*999999 not found', since=mark)
+        # an address too long to be one is refused at once; the session is not touched
+        c.send(b'swap-long')
+        self.assertEqual(self.wait(d, r'T:CSWAP long (\w+)$', since=mark).group(1), 'false')
+        self.assertEqual(c.rt(b'still here'), b'still here')
+        self.assertEqual(echo.accepted, 1)
+        mark = d.mark()
+        c.send(b'close-twice')
+        self.assertEqual(self.wait(d, r'T:CLOSE2 (\w+) (\w+)$', since=mark).groups(),
+                         ('true', 'true'))
+        self.wait(d, LUA + r'pipeline t closed by its script', since=mark)
+        self.wait(d, r'warn +' + LUA + r'close\(-2\) of pipeline t failed: \S', since=mark)
+        self.assertEqual(c.eof()[1], 'eof')
+        self.assertEqual(self.count(d, r'pipeline t closed by its script'), 1)
+        with self.assertRaises(OSError):
+            socket.create_connection((HOST, port), timeout=1).close()
+        self.assertTrue(d.alive())
+
 
 # ---- main mode --------------------------------------------------------------------------
 
@@ -590,6 +692,102 @@ SPIN = script('''
     function EzpMain(ezp)
       log(LEVEL_INFO, "T:SPIN")
       while true do end
+    end
+''')
+
+MAIN_HOOKS = script('''
+    -- main mode: the session hooks and EzpOnPacket run on the runner while EzpMain sleeps
+    function EzpMain(ezp)
+      log(LEVEL_INFO, "T:HMAIN")
+      while true do sleep(1000) end
+    end
+    local function show(s, ...)
+      if not s then return "nil" end
+      local out = {}
+      for _, f in ipairs({...}) do out[#out + 1] = tostring(s[f]()) end
+      return table.concat(out, " ")
+    end
+    function EzpOnSessionOpen(ezp, s)
+      log(LEVEL_INFO, "T:HOPEN " .. show(s, "get_id", "get_network", "get_client_addr", "is_alive"))
+    end
+    function EzpOnSessionClose(ezp, s)
+      log(LEVEL_INFO, "T:HCLOSE " .. show(s, "get_id", "is_alive", "get_bytes_sent"))
+    end
+    local seen = 0
+    function EzpOnPacket(ezp, pkt)
+      seen = seen + 1
+      log(LEVEL_INFO, string.format("T:HPKT %d %s %s", seen, tostring(pkt.serverbound), pkt.data))
+      return pkt.data == "enough"
+    end
+''')
+
+MAIN_SWAP = script('''
+    -- main mode: set_server waits for the result and says why it failed
+    local sid
+    function EzpOnSessionOpen(ezp, s) sid = s.get_id() end
+    local function try(what, id, addr)
+      local ok, err = ezp.set_server(id, addr)
+      log(LEVEL_INFO, string.format("T:MSWAP %s ok=%s err=%s", what, tostring(ok), tostring(err)))
+    end
+    function EzpMain(ezp)
+      -- the client's first round trip is over (both directions seen) before any swap
+      while not sid or ezp.get_bytes_sent() < 12 do sleep(5) end
+      try("refused", sid, "127.0.0.1:REFUSED")
+      try("unknown", 999999, "127.0.0.1:GOOD")
+      try("garbage", sid, "no address at all")
+      try("long", sid, string.rep("9", 300))
+      try("good", sid, "127.0.0.1:GOOD")
+      while true do sleep(1000) end
+    end
+''')
+
+MAIN_SLOW_SWAP = script('''
+    -- main mode: set_server to a server that never answers the connect
+    local sid
+    function EzpOnSessionOpen(ezp, s) sid = s.get_id() end
+    function EzpMain(ezp)
+      while not sid do sleep(5) end
+      log(LEVEL_INFO, "T:SWAPPING")
+      ezp.set_server(sid, "127.0.0.1:HOLE")
+      while true do sleep(1000) end
+    end
+''')
+
+MAIN_GP = script('''
+    -- main mode: get_packets with a one-parameter callback, misused from inside it
+    function EzpOnSessionOpen(ezp, s)
+      log(LEVEL_INFO, "T:GP open")  -- served while EzpMain waits in get_packets
+    end
+    function EzpMain(ezp)
+      local n = 0
+      ezp.get_packets(function(pkt)
+        n = n + 1
+        if n == 1 then
+          local ok, err = pcall(ezp.get_packets, function(p)
+            log(LEVEL_INFO, "T:GP wrong callback " .. p.data)
+            return true
+          end)
+          log(LEVEL_INFO, string.format("T:GP nested ok=%s err=%s", tostring(ok), tostring(err)))
+        end
+        log(LEVEL_INFO, string.format("T:GP %d %s %s", n, tostring(pkt.serverbound), pkt.data))
+        return pkt.data == "stop"
+      end)
+      log(LEVEL_INFO, "T:GP returned after " .. n)
+      while true do sleep(1000) end
+    end
+''')
+
+MAIN_ERR = script('''
+    -- main mode: EzpMain yields (an error); EzpFilter is still served on the runner
+    function EzpMain(ezp)
+      log(LEVEL_INFO, "T:EMAIN")
+      coroutine.yield()
+    end
+    function EzpFilter(ezp, pkt)
+      if pkt.serverbound and pkt.data == "boom" then
+        error("main boom")  -- MBOOM
+      end
+      return true
     end
 ''')
 
@@ -636,6 +834,130 @@ class T03Main(LuaCase):
         c = self.client(d.port('spin'))
         self.assertEqual(c.rt(b'still forwarding'), b'still forwarding')
 
+    def test_main_session_hooks_and_onpacket(self):
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('m', 'tcp', echo.port,
+                                        [lua_item('hooks.lua', 'main')])),
+                            {'hooks.lua': MAIN_HOOKS})
+        self.wait(d, r'T:HMAIN')
+        c = self.client(d.port('m'))
+        sid = self.wait(d, r'T:HOPEN (\d+) tcp %s true$' % re.escape(c.addr)).group(1)
+        self.assertEqual(c.rt(b'abc'), b'abc')
+        self.wait(d, r'T:HPKT 1 true abc$')
+        self.wait(d, r'T:HPKT 2 false abc$')
+        # EzpOnPacket only watches (the packet passes); returning true uninstalls it
+        self.assertEqual(c.rt(b'enough'), b'enough')
+        self.wait(d, r'T:HPKT 3 true enough$')
+        mark = d.mark()
+        self.assertEqual(c.rt(b'after'), b'after')
+        c.close()
+        # the close hook gets the closed session: its id, not alive, the bytes it saw
+        m = self.wait(d, r'T:HCLOSE (.*)$', since=mark)
+        self.assertEqual(m.group(1), '%s false %d' % (sid, 2 * len(b'abcenoughafter')))
+        self.assertEqual(self.count(d, r'T:HPKT', since=mark), 0,
+                         'EzpOnPacket was called after it returned true')
+
+    def test_main_set_server_waits_for_the_result(self):
+        echo, echo2 = self.servers(), self.servers()
+        text = (MAIN_SWAP.replace('REFUSED', str(free_port()))
+                .replace('GOOD', str(echo2.port)))
+        d = self.lua_daemon(config(pipe('m', 'tcp', echo.port, [lua_item('swap.lua', 'main')])),
+                            {'swap.lua': text})
+        c = self.client(d.port('m'))
+        self.assertEqual(c.rt(b'before'), b'before')
+        res = {}
+        for what in ('refused', 'unknown', 'garbage', 'long', 'good'):
+            res[what] = self.wait(d, r'T:MSWAP %s ok=(\w+) err=(.*)$' % what).groups()
+        # main mode waits: true, or nil and the reason
+        self.assertEqual(res['good'], ('true', 'nil'))
+        for what in ('refused', 'unknown', 'garbage', 'long'):
+            self.assertEqual(res[what][0], 'nil', '%s: %r' % (what, res[what]))
+            self.assertNotIn(res[what][1], ('nil', ''), what)
+        self.assertRegex(res['refused'][1], r'(?i)refused')
+        self.assertIn('999999 not found', res['unknown'][1])
+        self.assertIn('is too long for an address', res['long'][1])
+        # the failed swaps left the session alone; the good one moved its server leg
+        self.assertTrue(echo2.wait_accepted(1), 'set_server never connected the new server')
+        self.assertEqual(c.rt(b'moved'), b'moved')
+        self.assertEqual((echo.received, echo2.received), (6, 5))
+        self.assertTrue(echo.wait_active(lambda n: n == 0), 'old server leg not closed')
+        self.assertEqual(d.closes(), [])
+
+    def test_main_set_server_interrupted_by_a_config_change(self):
+        """A config change that removes the filter while EzpMain waits for a swap does
+        not wait for the swap; the swap's failure, which no script hears, is logged."""
+        echo = self.servers()
+        hole = socket.socket()  # a listener whose queue is full: connects to it hang
+        self.addCleanup(hole.close)
+        hole.bind((HOST, 0))
+        hole.listen(0)
+        for _ in range(3):
+            f = socket.socket()
+            self.addCleanup(f.close)
+            f.setblocking(False)
+            f.connect_ex(hole.getsockname())
+        hole_port = hole.getsockname()[1]
+        to = '{tcp: {Connect: "127.0.0.1:%d", ConnectTimeoutMs: 2000}}' % echo.port
+        base = ('Workers: 2\nLogging: {Level: info}\nPipelines:\n  - Name: m\n'
+                '    From: {tcp: {Listen: "127.0.0.1:0"}}\n%s    To: ' + to + '\n')
+        d = self.lua_daemon(base % ('    Through: [%s]\n' % lua_item('slow.lua', 'main')),
+                            {'slow.lua': MAIN_SLOW_SWAP.replace('HOLE', str(hole_port))})
+        c = self.client(d.port('m'))
+        self.wait(d, r'T:SWAPPING')
+        mark = d.mark()
+        applied, line = d.reload(base % '')
+        self.assertTrue(applied, line)
+        failed = (r'warn +' + LUA + r'set_server\(\d+, 127\.0\.0\.1:%d\) failed: .*timed out'
+                  % hole_port)
+        self.assertEqual(self.count(d, failed, since=mark), 0,
+                         'the config change waited for the swap to end')
+        self.wait(d, failed, since=mark)
+        # the session kept its server. (Closing it while the swap still connects would
+        # hit a core bug: the swap is never answered and the daemon cannot stop.)
+        self.assertEqual(c.rt(b'still connected'), b'still connected')
+        self.assertEqual(echo.accepted, 1)
+
+    def test_main_get_packets_misuse(self):
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('m', 'tcp', echo.port, [lua_item('gp.lua', 'main')])),
+                            {'gp.lua': MAIN_GP})
+        c = self.client(d.port('m'))
+        self.wait(d, r'T:GP open')
+        self.assertEqual(c.rt(b'one'), b'one')
+        # get_packets from inside its callback: an error, and the first call goes on as it was
+        m = self.wait(d, r'T:GP nested ok=(\w+) err=(.*)$')
+        self.assertEqual(m.group(1), 'false')
+        self.assertIn('get_packets: already waiting for packets', m.group(2))
+        self.wait(d, r'T:GP 1 true one$')
+        self.wait(d, r'T:GP 2 false one$')
+        self.assertEqual(c.rt(b'two'), b'two')
+        self.wait(d, r'T:GP 4 false two$')
+        c.send(b'stop')
+        self.assertEqual(c.recv(4), b'stop')
+        self.wait(d, r'T:GP returned after 5$')
+        mark = d.mark()
+        self.assertEqual(c.rt(b'after'), b'after')
+        self.assertEqual(self.count(d, r'T:GP wrong'), 0,
+                         'a failed get_packets call replaced the running callback')
+        self.assertEqual(self.count(d, r'T:GP \d+ ', since=mark), 0,
+                         'the callback was called after it returned true')
+
+    def test_main_errors(self):
+        u = self.udp_echo()
+        d = self.lua_daemon(config(pipe('u', 'udp', u.port,
+                                        [lua_item('emain.lua', 'main', Default='drop')])),
+                            {'emain.lua': MAIN_ERR})
+        self.wait(d, r'T:EMAIN')
+        self.wait(d, LUA + r'emain\.lua: coroutine\.yield\(\) outside a coroutine of the script')
+        # EzpMain is over; its EzpFilter still filters, and an error gets Default (drop)
+        c = self.udp(d.port('u'))
+        self.assertEqual(c.rt(b'one'), b'one')
+        mark = d.mark()
+        c.send(b'boom')
+        self.wait(d, LUA + r'emain\.lua:%d: main boom' % line_of(MAIN_ERR, '-- MBOOM'), since=mark)
+        self.assertEqual(c.rt(b'two'), b'two')
+        self.assertEqual(u.count, 2, 'the failing datagram reached the server')
+
 
 # ---- sandbox -----------------------------------------------------------------------------
 
@@ -677,6 +999,21 @@ SANDBOX = script('''
       pcall_loop = function() while true do pcall(function() while true do end end) end end,
       co_loop = function() coroutine.wrap(function() while true do end end)() end,
       table_bomb = function() local t = {} for i = 1, 1e9 do t[i] = i end end,
+      -- a finalizer runs with hooks off: the budget could not stop this one
+      gc = function()
+        setmetatable({}, {__gc = function() while true do end end})
+        collectgarbage()
+      end,
+      -- fill the memory limit with live small tables: the state stays full
+      hoard = function() while true do hoard_list = {next = hoard_list} end end,
+      printf = function() print("T:PRINT", 1, nil, true) end,
+      log1 = function() log("T:LOG1 one argument") end,
+      bigsleep = function() sleep(86400001) end,
+      cosleep = function() coroutine.wrap(function() sleep(1) end)() end,
+      loadnone = function() return load() end,
+      loadmode = function() return load("return 1", "x", "b") end,
+      errtable = function() error({code = 7}) end,  -- ERRTABLE
+      yield = function() coroutine.yield() end,
     }
     function EzpFilter(ezp, pkt)
       served = served + 1
@@ -764,6 +1101,53 @@ class T04Sandbox(LuaCase):
         self.assertEqual(c2.recv(len(payload)), payload)
         self.assertTrue(self.d.alive())
 
+    def test_finalizers_refused(self):
+        # Lua runs __gc with hooks off: a finalizer looping forever would hang the worker
+        m, _, _ = self.attack('gc')
+        self.assertEqual(m.group(1), 'false', 'setmetatable accepted a __gc metamethod')
+        self.assertIn('__gc metamethods are not available in the sandbox', m.group(2))
+        mark = self.d.mark()
+        self.assertEqual(self.c.rt(b'served'), b'served')
+        self.wait(self.d, r'T:SERVED \d+', since=mark)
+
+    def test_full_memory_then_big_packets(self):
+        # the state is kept at its limit by live data; packets larger than what is left
+        # still reach the script (and pass), the daemon does not abort
+        _, _, mark = self.attack('hoard', result=False)
+        self.wait(self.d, LUA + r'.*memory limit of 16 MiB reached', since=mark)
+        payload = pattern(5, 300000)
+        self.c.send(payload)
+        self.assertEqual(self.c.recv(len(payload), timeout=10), payload)
+        c2 = self.client(self.d.port('s'))
+        self.assertEqual(c2.rt(b'new session'), b'new session')
+        self.assertTrue(self.d.alive())
+
+    def test_misuse_gives_clear_errors(self):
+        for name, text in (('bigsleep', 'at most 86400000 ms'),
+                           ('cosleep', 'sleep() can only wait in EzpFilter/EzpOnPacket itself'),
+                           ('loadnone', "bad argument #1 to 'load'"),
+                           ('loadmode', 'only text chunks are allowed')):
+            with self.subTest(attack=name):
+                m, _, _ = self.attack(name)
+                self.assertEqual(m.group(1), 'false', '%s: %s' % (name, m.group(2)))
+                self.assertIn(text, m.group(2))
+        # print joins its arguments with tabs; log(msg) logs at info; both with source lua
+        _, _, mark = self.attack('printf')
+        self.wait(self.d, r' info +' + LUA + r'T:PRINT\t1\tnil\ttrue$', since=mark)
+        _, _, mark = self.attack('log1')
+        self.wait(self.d, r' info +' + LUA + r'T:LOG1 one argument$', since=mark)
+        # an error value that is not a string: still logged with file and line
+        _, _, mark = self.attack('errtable', guarded=False)
+        self.wait(self.d, LUA + r'sb\.lua:%d: \(error object is a table value\)$'
+                  % line_of(SANDBOX, '-- ERRTABLE'), since=mark)
+        # coroutine.yield() in EzpFilter: an error that points to sleep(); the packet passed
+        _, _, mark = self.attack('yield', guarded=False)
+        self.wait(self.d, LUA + r'.*coroutine\.yield\(\) outside a coroutine of the script '
+                  r'\(use sleep\(ms\) to wait\)', since=mark)
+        mark = self.d.mark()
+        self.assertEqual(self.c.rt(b'served'), b'served')
+        self.wait(self.d, r'T:SERVED \d+', since=mark)
+
 
 # ---- script errors ---------------------------------------------------------------------
 
@@ -779,6 +1163,33 @@ ERRS = script('''
       if pkt.data == "late" then
         sleep(50)
         error("after sleep")  -- LATE
+      end
+      return true
+    end
+''')
+
+HOOK_ERRS = script('''
+    function EzpOnSessionOpen(ezp, s)
+      log(LEVEL_INFO, "T:HOOK open " .. s.get_id())
+      sleep(10)
+    end
+    function EzpOnSessionClose(ezp, s)
+      error("close hook failed for " .. s.get_id())  -- HCLOSE
+    end
+''')
+
+STRICT = script('''
+    -- the "strict globals" idiom, and an ezp function the script took away
+    setmetatable(_G, {
+      __index = function(_, k) error("undefined global " .. tostring(k), 2) end,
+    })
+    ezp.get_proxy = nil
+    function EzpOnSessionOpen(ezp, s)
+      log(LEVEL_INFO, "T:STRICT open " .. s.get_id() .. " " .. s.get_network())
+    end
+    function EzpFilter(ezp, pkt)
+      if pkt.serverbound and pkt.data == "typo" then
+        return undefined_thing  -- TYPO
       end
       return true
     end
@@ -826,6 +1237,79 @@ class T05Errors(LuaCase):
         self.assertEqual(self.count(d, r'kaboom'), 3)
         self.assertEqual(self.count(d, r'\[chain\]'), 0)
 
+    def test_error_lines_rate_limited(self):
+        """At most 10 error lines a second per state, then a count of those left out."""
+        u = self.udp_echo()
+        d = self.lua_daemon(config(pipe('u', 'udp', u.port, [lua_item('errs.lua')]), workers=1),
+                            {'errs.lua': ERRS})
+        c = self.udp(d.port('u'))
+        burst = 20
+        for _ in range(burst):
+            c.send(b'boom')
+        for _ in range(burst):
+            self.assertEqual(c.recv(), b'boom')  # Default pass; the request and its echo fail
+        sent = burst
+        mark = d.mark()
+        summary = r'errs\.lua: (\d+) more script error\(s\) not logged'
+        # the count is logged with the first error of a later second: keep failing until then
+        dl = Deadline(10)
+        while self.count(d, summary, since=mark) == 0:
+            self.assertFalse(dl.expired(), 'no "more script error(s) not logged" line')
+            self.assertEqual(c.rt(b'boom'), b'boom')
+            sent += 1
+            dl.sleep(0.1)  # paces the loop; correctness does not depend on it
+
+        def tally():
+            with d.cond:
+                left_out = sum(int(m.group(1)) for m in
+                               (re.search(summary, line) for line in d.lines) if m)
+            return self.count(d, r'kaboom'), left_out
+
+        # the last lines may still be on their way: every error is logged or counted
+        d.wait_until(lambda: sum(tally()) >= 2 * sent, timeout=5)
+        logged, left_out = tally()
+        self.assertGreaterEqual(left_out, 1)
+        self.assertLess(logged, 2 * sent, 'every error was logged')
+        self.assertEqual(logged + left_out, 2 * sent,
+                         'errors logged plus errors counted must be every error')
+
+    def test_session_hook_errors(self):
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('t', 'tcp', echo.port, [lua_item('hooks.lua')])),
+                            {'hooks.lua': HOOK_ERRS})
+        c = self.client(d.port('t'))
+        sid = self.wait(d, r'T:HOOK open (\d+)$').group(1)
+        # a hook may not sleep: an error says so, the session is not affected
+        self.wait(d, LUA + r'hooks\.lua: EzpOnSessionOpen cannot sleep or yield')
+        self.assertEqual(c.rt(b'data'), b'data')
+        mark = d.mark()
+        c.close()
+        self.wait(d, LUA + r'hooks\.lua:%d: close hook failed for %s$'
+                  % (line_of(HOOK_ERRS, '-- HCLOSE'), sid), since=mark)
+        self.assertEqual([x.reason for x in d.wait_closes(1, pipeline='t')], ['client closed'])
+        c2 = self.client(d.port('t'))
+        self.assertEqual(c2.rt(b'again'), b'again')
+        self.wait(d, r'T:HOOK open (?!%s$)\d+$' % sid)
+
+    def test_strict_globals_and_replaced_ezp_functions(self):
+        """The plugin finds the script's functions without going through _G's
+        metamethods and never calls through the ezp table the script can change."""
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('t', 'tcp', echo.port, [lua_item('strict.lua')])),
+                            {'strict.lua': STRICT})
+        c = self.client(d.port('t'))
+        self.wait(d, r'T:STRICT open \d+ tcp$')
+        self.assertEqual(c.rt(b'data'), b'data')
+        mark = d.mark()
+        self.assertEqual(c.rt(b'typo'), b'typo')  # a runtime error: Default (pass)
+        self.wait(d, LUA + r'strict\.lua:%d: undefined global undefined_thing'
+                  % line_of(STRICT, '-- TYPO'), since=mark)
+        c.close()
+        c2 = self.client(d.port('t'))
+        self.assertEqual(c2.rt(b'more'), b'more')
+        self.assertEqual(len(d.wait_closes(1, pipeline='t')), 1)
+        self.assertTrue(d.alive())
+
 
 # ---- sleep in callback mode ------------------------------------------------------------
 
@@ -837,6 +1321,16 @@ SLEEP = script('''
           sleep(ms)
           log(LEVEL_INFO, "T:WOKE " .. pkt.data)
         end
+      end
+      return true
+    end
+''')
+
+HOLD = script('''
+    function EzpFilter(ezp, pkt)
+      if pkt.serverbound and pkt.data == "hold" then
+        log(LEVEL_INFO, "T:HOLDING")
+        sleep(60000)
       end
       return true
     end
@@ -894,6 +1388,21 @@ class T06Sleep(LuaCase):
         self.wait(d, r'T:WOKE s1500:late')  # the late answer is ignored
         self.assertEqual(c.rt(b's0:after'), b's0:after')
         self.assertEqual(u.count, 2)
+
+    def test_stop_while_a_packet_is_held(self):
+        u = self.udp_echo()
+        d = self.lua_daemon(config(pipe('u', 'udp', u.port,
+                                        [lua_item('hold.lua', HoldTimeoutMs=120000)])),
+                            {'hold.lua': HOLD})
+        c = self.udp(d.port('u'))
+        self.assertEqual(c.rt(b'warm'), b'warm')
+        c.send(b'hold')
+        self.wait(d, r'T:HOLDING')
+        # the daemon stops at once and cleanly; the held packet is not sent
+        t0 = time.monotonic()
+        self.assertEqual(d.stop(), 0)
+        self.assertLess(time.monotonic() - t0, 5, 'a sleeping packet delayed the shutdown')
+        self.assertEqual(u.count, 1)
 
 
 # ---- reload ----------------------------------------------------------------------------
@@ -973,6 +1482,29 @@ class T07Reload(LuaCase):
         self.assertEqual(c.rt(b'ver', b'v3'), b'v3')
         self.assertEqual(c2.rt(b'ver', b'v3'), b'v3')
         self.assertEqual(d.closes(), [], 'a reload dropped a session')
+
+    def test_deleted_script(self):
+        """An editor that deletes the file and writes a new one: meanwhile the old
+        script runs on, and a reload asked for while the file is gone says why."""
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('t', 'tcp', echo.port, [lua_item('rl.lua')]), workers=1),
+                            {'rl.lua': version_script('v1')})
+        path = os.path.join(d.dir, 'rl.lua')
+        c = self.client(d.port('t'))
+        self.assertEqual(c.rt(b'ver', b'v1'), b'v1')
+        os.remove(path)
+        mark = d.mark()
+        with open(d.config_path) as f:
+            applied, line = d.reload(f.read())
+        self.assertTrue(applied, line)
+        self.wait(d, LUA + r'reload of rl\.lua failed, keeping the old script: cannot open rl\.lua',
+                  since=mark)
+        self.assertEqual(c.rt(b'ver', b'v1'), b'v1')
+        mark = d.mark()
+        write_file(path, version_script('v2'))
+        self.wait(d, LUA + r'reloaded rl\.lua', since=mark)
+        self.assertEqual(c.rt(b'ver', b'v2'), b'v2')
+        self.assertEqual(d.closes(), [], 'a reload dropped the session')
 
     def test_later_filter_sees_injected(self):
         """A packet injected by one lua filter passes the filters after it marked injected."""
@@ -1162,6 +1694,135 @@ class T09Examples(LuaCase):
             self.assertEqual(c.rt(b'tick', timeout=5), b'tick')
             longest = max(longest, time.monotonic() - t0)
         self.assertGreaterEqual(longest, 0.5, 'the time switch never held a packet')
+
+
+# ---- a config the filter cannot run: the daemon does not start and says why -------------
+
+REFUSED = [
+    # (what, Script, extra keys, file text or None, the message after "cannot start: ")
+    ('missing file', 'missing.lua', {}, None,
+     r'lua: cannot open missing\.lua'),
+    ('bad Mode', 'ok.lua', {'Mode': 'turbo'}, 'function EzpFilter() return true end\n',
+     r"lua: Mode must be callback or main, not 'turbo'"),
+    ('error at load', 'top.lua', {}, 'local x = 1\nerror("no settings found")\n',
+     r'lua: top\.lua:2: no settings found'),
+    ('main without EzpMain', 'nomain.lua', {'Mode': 'main'},
+     'function EzpFilter() return true end\n',
+     r'lua: nomain\.lua: Mode is main but the script defines no EzpMain function'),
+    ('EzpFilter not a function', 'num.lua', {}, 'EzpFilter = 42\n',
+     r'lua: num\.lua: EzpFilter / EzpOnPacket must be functions'),
+    ('memory at load', 'big.lua', {'MemoryLimitMb': 1}, 'big = string.rep("x", 4 << 20)\n',
+     r'lua: big\.lua: memory limit of 1 MiB reached while loading'),
+]
+
+
+class T10Config(LuaCase):
+    def test_start_refused_with_the_reason(self):
+        echo = self.servers()
+        for what, name, keys, text, message in REFUSED:
+            with self.subTest(what):
+                d = self.daemon(config(pipe('t', 'tcp', echo.port,
+                                            [lua_item(name, **keys)])),
+                                start=False, check_exit=False)
+                if text is not None:
+                    with open(os.path.join(d.dir, name), 'w') as f:
+                        f.write(text)
+                with self.assertRaises(DaemonError):
+                    d.start()
+                self.assertNotEqual(d.proc.wait(10), 0)
+                self.wait(d, r'cannot start: ' + message)
+        self.assertEqual(echo.accepted, 0)
+
+
+# ---- main mode: reload ---------------------------------------------------------------------
+
+def main_version(v, body):
+    """A main-mode script: EzpMain logs its version then runs @body; EzpFilter answers "ver"."""
+    return script('''
+        function EzpMain(ezp)
+          log(LEVEL_INFO, "T:MAIN %s")
+          %s
+        end
+        function EzpFilter(ezp, pkt)
+          if pkt.serverbound and pkt.data == "ver" then return "%s" end
+          return true
+        end
+    ''') % (v, body, v)
+
+
+# sleeps, and when sleep() raises "script stopped" catches it and computes on
+STUBBORN = 'while true do if not pcall(sleep, 20) then while true do end end end'
+# never sleeps; logs now and then
+BUSY = ('local n = 0 while true do n = n + 1 '
+        'if n %% 2000000 == 0 then log(LEVEL_INFO, "T:TICK %s") end end')
+
+
+class T11MainReload(LuaCase):
+    def test_reload_sleeping_returned_and_failing(self):
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('m', 'tcp', echo.port, [lua_item('mr.lua', 'main')])),
+                            {'mr.lua': main_version('v1', STUBBORN)})
+        path = os.path.join(d.dir, 'mr.lua')
+        self.wait(d, r'T:MAIN v1$')
+        c = self.client(d.port('m'))
+        self.assertEqual(c.rt(b'ver', b'v1'), b'v1')
+        # a file change while EzpMain sleeps: it is stopped, even though it catches the
+        # error and computes on, and the new EzpMain runs
+        mark = d.mark()
+        write_file(path, main_version('v2', 'return'))
+        self.wait(d, LUA + r'reloaded mr\.lua', since=mark)
+        self.wait(d, r'T:MAIN v2$', since=mark)
+        self.assertEqual(c.rt(b'ver', b'v2'), b'v2')
+        # EzpMain v2 returned. SIGHUP with the file gone: the reload fails, v2 stays
+        os.remove(path)
+        mark = d.mark()
+        with open(d.config_path) as f:
+            applied, line = d.reload(f.read())
+        self.assertTrue(applied, line)
+        self.wait(d, LUA + r'reload of mr\.lua failed, keeping the old script: cannot open '
+                  r'mr\.lua', since=mark)
+        self.assertEqual(c.rt(b'ver', b'v2'), b'v2')
+        # the file back: reloaded, its EzpMain runs
+        mark = d.mark()
+        write_file(path, main_version('v3', 'while true do sleep(1000) end'))
+        self.wait(d, LUA + r'reloaded mr\.lua', since=mark)
+        self.wait(d, r'T:MAIN v3$', since=mark)
+        self.assertEqual(c.rt(b'ver', b'v3'), b'v3')
+        for v in ('v1', 'v2', 'v3'):
+            self.assertEqual(self.count(d, r'T:MAIN %s$' % v), 1, 'EzpMain %s ran twice' % v)
+        self.assertEqual(d.closes(), [], 'a reload dropped the session')
+
+    def test_reload_and_stop_a_busy_main(self):
+        """EzpMain that never sleeps (a big InstructionLimit): a reload stops it at its
+        next instruction, a failed one leaves it running, and so does a shutdown."""
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('m', 'tcp', echo.port,
+                                        [lua_item('busy.lua', 'main', HoldTimeoutMs=300,
+                                                  InstructionLimit=1000000000000)])),
+                            {'busy.lua': main_version('v1', BUSY % 'v1')})
+        path = os.path.join(d.dir, 'busy.lua')
+        self.wait(d, r'T:MAIN v1$')
+        self.wait(d, r'T:TICK v1$')
+        mark = d.mark()
+        write_file(path, BAD)
+        self.wait(d, LUA + r'reload of busy\.lua failed, keeping the old script: busy\.lua:\d+:',
+                  since=mark)
+        mark = d.mark()
+        self.wait(d, r'T:TICK v1$', since=mark)  # still running
+        mark = d.mark()
+        write_file(path, main_version('v2', BUSY % 'v2'))
+        self.wait(d, LUA + r'reloaded busy\.lua', since=mark)
+        self.wait(d, r'T:MAIN v2$', since=mark)
+        self.wait(d, r'T:TICK v2$', since=mark)
+        # EzpFilter is served on the busy runner: a packet waits HoldTimeoutMs, then passes
+        # untouched (Default), each way
+        c = self.client(d.port('m'))
+        t0 = time.monotonic()
+        self.assertEqual(c.rt(b'ver'), b'ver')
+        self.assertGreaterEqual(time.monotonic() - t0, 0.5)
+        t0 = time.monotonic()
+        self.assertEqual(d.stop(), 0)
+        self.assertLess(time.monotonic() - t0, 5, 'a busy EzpMain delayed the shutdown')
 
 
 if __name__ == '__main__':
