@@ -294,6 +294,7 @@ struct ezp_leg {
 	uint64_t bytes_in;
 	ezp_done_fn on_connect;         /* swaps: told when the connect ends */
 	void *on_connect_arg;
+	struct ezp_leg *pending_next;   /* a swap's or an added client's leg while it connects */
 	int connect_purpose;            /* EZP__LEG_* */
 	int attach_mode;                /* until attached: -1 first leg, EZP__ROUTE_* */
 	ezp_done_fn attach_done;        /* accept-mode waiter */
@@ -348,6 +349,7 @@ struct ezp_session {
 	void **fstate;                 /* [chain->n] per-session filter state */
 	struct ezp_leg *server;
 	struct ezp_leg *server_old;    /* during a swap: still read until it ends */
+	struct ezp_leg *pending;       /* legs still connecting for swaps and added clients */
 	struct ezp_leg **clients;      /* [max_client_legs] */
 	unsigned n_clients, max_clients;
 	struct ezp__dir dir[2];

@@ -443,6 +443,30 @@ void ezp__leg_write_done(struct ezp_leg *leg)
 	ezp__session_leave(s);
 }
 
+/* A leg that connects for a swap or an added client: teardown answers it if it never ends. */
+static void pending_add(struct ezp_session *s, struct ezp_leg *leg)
+{
+	leg->pending_next = s->pending;
+	s->pending = leg;
+}
+
+static bool pending_has(const struct ezp_session *s, const struct ezp_leg *leg)
+{
+	for (const struct ezp_leg *l = s->pending; l; l = l->pending_next)
+		if (l == leg)
+			return true;
+	return false;
+}
+
+static void pending_del(struct ezp_session *s, struct ezp_leg *leg)
+{
+	for (struct ezp_leg **pp = &s->pending; *pp; pp = &(*pp)->pending_next)
+		if (*pp == leg) {
+			*pp = leg->pending_next;
+			return;
+		}
+}
+
 void ezp__leg_error(struct ezp_leg *leg, int reason, const char *message)
 {
 	struct ezp_session *s = leg->s;
@@ -464,11 +488,11 @@ void ezp__leg_error(struct ezp_leg *leg, int reason, const char *message)
 	if (leg == s->server_old) {
 		s->server_old = NULL;
 		leg_free(leg);
+	} else if (pending_has(s, leg)) {
+		/* a leg being connected for a swap or an added client: its caller hears of it */
+		ezp__leg_connected(leg, EZP_ERR_IO, message);
 	} else if (!leg->is_server && s->n_clients > 1) {
 		session_drop_client(s, leg);
-	} else if (leg->is_server && leg != s->server) {
-		/* a leg being connected for a swap: the swap reports it */
-		ezp__leg_connected(leg, EZP_ERR_IO, message);
 	} else {
 		if (reason == EZP_CLOSE_ERROR) {
 			snprintf(text, sizeof(text), "%s: %s", leg->is_server ? "server" : "client",
@@ -511,7 +535,9 @@ void ezp__leg_connected(struct ezp_leg *leg, int status, const char *message)
 	void *arg = leg->on_connect_arg;
 
 	if (s->closing)
-		return;
+		return; /* still pending: teardown frees it and answers */
+	if (leg->connect_purpose != EZP__LEG_PRIMARY)
+		pending_del(s, leg);
 	ezp__session_enter(s);
 	leg->on_connect = NULL;
 	if (status != EZP_OK) {
@@ -603,6 +629,7 @@ int ezp__session_swap_server(struct ezp_session *s, const struct ezp_addr *addr,
 	leg->connect_purpose = EZP__LEG_SWAP_SERVER;
 	leg->on_connect = done;
 	leg->on_connect_arg = arg;
+	pending_add(s, leg);
 	memset(&args, 0, sizeof(args));
 	args.struct_size = sizeof(args);
 	args.leg = leg;
@@ -656,6 +683,7 @@ int ezp__session_swap_client(struct ezp_session *s, const struct ezp_addr *addr,
 	leg->connect_purpose = add ? EZP__LEG_ADD_CLIENT : EZP__LEG_SWAP_CLIENT;
 	leg->on_connect = done;
 	leg->on_connect_arg = arg;
+	pending_add(s, leg);
 	memset(&args, 0, sizeof(args));
 	args.struct_size = sizeof(args);
 	args.leg = leg;
@@ -722,6 +750,15 @@ static void session_teardown(struct ezp_session *s)
 	if (s->opened)
 		ezp__session_event(s, EZP_SESSION_CLOSED);
 	ezp__chain_fini(s);
+	while (s->pending) { /* swaps still connecting: their callers are waiting */
+		struct ezp_leg *leg = s->pending;
+		ezp_done_fn done = leg->on_connect;
+		void *arg = leg->on_connect_arg;
+		s->pending = leg->pending_next;
+		leg_free(leg);
+		if (done)
+			done(arg, EZP_ERR_CLOSED, "the session closed while connecting");
+	}
 	leg_free(s->server);
 	leg_free(s->server_old);
 	for (unsigned i = 0; i < s->n_clients; i++)

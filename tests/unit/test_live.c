@@ -1483,6 +1483,7 @@ static void test_dial_add_client(void **state)
 struct swap_call {
 	struct ezp_daemon *d;
 	uint64_t id;
+	char addr[64];
 	int rc;
 	struct ezp_error err;
 	pthread_mutex_t mu;
@@ -1565,6 +1566,66 @@ static void test_accept_add_client(void **state)
 	free(v);
 	tcp_roundtrip(c, "two", "two", "the first client after the add");
 	expect_bytes(c2, "two", "the accepted client gets the server's bytes");
+}
+
+static void *swap_jammed_main(void *arg)
+{
+	struct swap_call *sc = arg;
+	int rc = ezp_session_swap_server(sc->d, sc->id, sc->addr, &sc->err);
+
+	pthread_mutex_lock(&sc->mu);
+	sc->rc = rc;
+	sc->done = 1;
+	pthread_cond_broadcast(&sc->cv);
+	pthread_mutex_unlock(&sc->mu);
+	return NULL;
+}
+
+/*
+ * A session closes while its server swap is still connecting (to a listener
+ * whose accept queue is full, so the SYN goes unanswered): the waiting call
+ * gets an error at once instead of waiting for a connect that nobody will
+ * report (it used to wait for good, and so did the daemon's shutdown).
+ */
+static void test_swap_interrupted_by_close(void **state)
+{
+	struct srv *a = srv_start(SRV_TCP_TAG, "A:");
+	struct sockaddr_in any = loopback("127.0.0.1", 0);
+	struct ezp_session_summary s;
+	struct swap_call sc = {0};
+	struct ezp_error err = {0};
+	pthread_t th;
+	int c, jam, ok;
+
+	(void)state;
+	current_test = __func__;
+	daemon_up("Pipelines:\n" TCP_PIPELINE("p"), a->port);
+	c = tcp_client(bound_port("p"));
+	tcp_roundtrip(c, "1\n", "A:1\n", "before the swap");
+	s = session_of(c, "p");
+
+	jam = track_fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+	assert_int_equal(bind(jam, (struct sockaddr *)&any, sizeof(any)), 0);
+	assert_int_equal(listen(jam, 0), 0);
+	tcp_client(sock_port(jam)); /* fills the accept queue: backlog 0 holds one */
+	snprintf(sc.addr, sizeof(sc.addr), "127.0.0.1:%u", sock_port(jam));
+	sync_init(&sc.mu, &sc.cv);
+	sc.d = T->d;
+	sc.id = s.id;
+	sc.rc = -999;
+	assert_int_equal(pthread_create(&th, NULL, swap_jammed_main, &sc), 0);
+	/* let the swap reach its worker; were the close first, the swap finds no session:
+	 * the call must return either way */
+	poll_pause();
+	assert_int_equal(ezp_session_close(T->d, s.id, &err), EZP_OK);
+	ok = wait_at_least(&sc.mu, &sc.cv, &sc.done, 1, WAIT_MS);
+	if (!ok)
+		fail_msg("ezp_session_swap_server did not return after its session closed");
+	pthread_join(th, NULL);
+	sync_fini(&sc.mu, &sc.cv);
+	if (sc.rc != EZP_ERR_CLOSED && sc.rc != EZP_ERR_NOT_FOUND)
+		fail_msg("the interrupted swap returned %s (%d): %s", ezp_status_str(sc.rc), sc.rc,
+			 sc.err.message);
 }
 
 /* ---- 13. a Shared pipeline -------------------------------------------------------------- */
@@ -1891,6 +1952,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_close, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_swap_pipeline_to, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_swap_session_server, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_swap_interrupted_by_close, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_swap_client_udp, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_dial_add_client, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_accept_add_client, setup, teardown),
