@@ -114,6 +114,8 @@ static int stage_call(struct ezp_session *s, unsigned i, struct ezp_packet *pkt,
 	call.pkt = pkt;
 	call.hold_id = (++s->w->next_hold << 8) | s->w->index;
 	call.index = i;
+	if (sd->dormant && !atomic_load_explicit(&sd->awake, memory_order_acquire))
+		return EZP_VERDICT_PASS;
 	if (sd->kind->flags & EZP_FILTER_EXCLUSIVE) {
 		h = atomic_load_explicit(&sd->claim->holder, memory_order_acquire);
 		if (!h)
@@ -529,10 +531,64 @@ bool ezp__chain_active(const struct ezp_session *s)
 
 	if (c->n_plain)
 		return true;
-	for (size_t i = 0; i < c->n; i++)
-		if (atomic_load_explicit(&c->stages[i].claim->holder, memory_order_acquire))
+	for (size_t i = 0; i < c->n; i++) {
+		const struct ezp__stage_def *sd = &c->stages[i];
+		if (sd->dormant ? atomic_load_explicit(&sd->awake, memory_order_acquire)
+				: atomic_load_explicit(&sd->claim->holder, memory_order_acquire) != NULL)
 			return true;
+	}
 	return false;
+}
+
+struct wake_job {
+	struct ezp_worker *w;
+	struct ezp__chain_def *c; /* ref'd */
+	bool awake;
+};
+
+/* On @j->w: sessions running chain @j->c leave the fast path, or may rejoin it. */
+static void wake_run(void *arg)
+{
+	struct wake_job *j = arg;
+	struct ezp_session *s, *next;
+
+	for (s = TAILQ_FIRST(&j->w->sessions); s; s = next) {
+		next = TAILQ_NEXT(s, link);
+		if (s->chain != j->c || s->closing)
+			continue;
+		ezp__session_enter(s);
+		if (j->awake && s->bridged)
+			ezp__session_unbridge(s);
+		else if (!j->awake)
+			ezp__session_check_fast_path(s);
+		ezp__session_leave(s);
+	}
+	ezp__chain_unref(j->c);
+	free(j);
+}
+
+void ezp__stage_wake(struct ezp_stage *stage, int awake)
+{
+	struct ezp__stage_def *sd = (struct ezp__stage_def *)stage;
+	struct ezp_core_ctx *d;
+
+	if (!sd || !sd->dormant || atomic_exchange(&sd->awake, awake != 0) == (awake != 0))
+		return;
+	d = sd->chain->d;
+	if (!d->started)
+		return; /* no session yet */
+	for (unsigned i = 0; i < d->n_workers; i++) {
+		struct wake_job *j = malloc(sizeof(*j));
+		if (!j)
+			continue; /* that worker's sessions notice at their next check */
+		j->w = d->workers[i];
+		j->c = ezp__chain_ref(sd->chain);
+		j->awake = awake != 0;
+		if (ezp__defer(j->w, wake_run, j) != EZP_OK) {
+			ezp__chain_unref(j->c);
+			free(j);
+		}
+	}
 }
 
 void ezp__chain_flush_claim(struct ezp_session *s, struct ezp__claim *claim)

@@ -564,13 +564,19 @@ void ezp__hold_defaults(struct ezp__hold_conf *hold)
 }
 
 int ezp__hold_fill(struct ezp__pctx *c, const struct ezp__pval *vals, const char *path,
-		   struct ezp__hold_conf *hold)
+		   const struct ezp_filter_kind *kind, struct ezp__hold_conf *hold)
 {
 	static const char *const actions[] = {"pass", "drop"};
 	char what[EZP__PATH_MAX + 32];
 	int rc = EZP_OK;
 
 	ezp__hold_defaults(hold);
+	if (kind && EZP_HAS(kind, hold_timeout_ms)) { /* the kind's own defaults */
+		if (kind->hold_window && kind->hold_window <= 65536)
+			hold->window = kind->hold_window;
+		if (kind->hold_timeout_ms && kind->hold_timeout_ms <= 3600000)
+			hold->timeout_ms = kind->hold_timeout_ms;
+	}
 	for (int i = 0; i < EZP__N_HOLD_KEYS && rc == EZP_OK; i++) {
 		if (!vals[i].present)
 			continue;

@@ -79,7 +79,7 @@ int ezp__params_fill(struct ezp__pctx *c, const char *kind, const struct ezp_par
 extern const char *const ezp__hold_keys[EZP__N_HOLD_KEYS];
 void ezp__hold_defaults(struct ezp__hold_conf *hold);
 int ezp__hold_fill(struct ezp__pctx *c, const struct ezp__pval *vals, const char *path,
-		   struct ezp__hold_conf *hold);
+		   const struct ezp_filter_kind *kind, struct ezp__hold_conf *hold);
 
 /* The Limits keys, their bounds and defaults. */
 #define EZP__N_LIMITS 5

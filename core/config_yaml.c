@@ -196,7 +196,7 @@ int ezp__kind_fill(struct ezp__pctx *c, struct ezp__kind_conf *kc, const struct 
 
 	if (rc == EZP_OK && kc->filter) {
 		static const struct ezp__pval none[EZP__N_HOLD_KEYS];
-		rc = ezp__hold_fill(c, hold_vals ? hold_vals : none, path, &kc->hold);
+		rc = ezp__hold_fill(c, hold_vals ? hold_vals : none, path, kc->filter, &kc->hold);
 	}
 	return rc;
 }

@@ -190,6 +190,9 @@ struct ezp__stage_def {
 	const struct ezp_filter_kind *kind;
 	void **instances;            /* [n_workers] */
 	struct ezp__claim *claim;    /* exclusive kinds: the pipeline's slot */
+	struct ezp__chain_def *chain; /* the chain it belongs to (no ref) */
+	bool dormant;                /* EZP_FILTER_DORMANT: called only while awake */
+	atomic_bool awake;
 };
 
 /* The filter chain of a pipeline generation; shared by sessions (refcounted). */
@@ -198,7 +201,7 @@ struct ezp__chain_def {
 	struct ezp_core_ctx *d;
 	struct ezp__stage_def *stages;
 	size_t n;
-	size_t n_plain;              /* stages that are not exclusive slots */
+	size_t n_plain;              /* stages that are neither exclusive slots nor dormant */
 };
 
 /* A `To` endpoint; sessions keep it while their server legs use its config. */
@@ -456,6 +459,7 @@ void ezp__chain_answer(struct ezp_worker *w, uint64_t hold_id, int verdict,
  * so a session whose chain has only those may take the fast path.
  */
 bool ezp__chain_active(const struct ezp_session *s);
+void ezp__stage_wake(struct ezp_stage *stage, int awake);
 /* Give every held packet of @claim (NULL: all) its default action now. */
 void ezp__chain_flush_claim(struct ezp_session *s, struct ezp__claim *claim);
 /* Switch to s->next_chain if the chain is empty. */

@@ -90,7 +90,11 @@ static int chain_build(struct ezp_core_ctx *d, struct ezp__pipeline *p,
 		if (rc != EZP_OK)
 			goto fail;
 		sd->kind = pc->through[i].filter;
-		if (!(sd->kind->flags & EZP_FILTER_EXCLUSIVE))
+		sd->chain = c;
+		sd->dormant = (sd->kind->flags & EZP_FILTER_DORMANT) &&
+			      !(sd->kind->flags & EZP_FILTER_EXCLUSIVE);
+		atomic_init(&sd->awake, false);
+		if (!(sd->kind->flags & EZP_FILTER_EXCLUSIVE) && !sd->dormant)
 			c->n_plain++;
 		sd->instances = calloc(d->n_workers, sizeof(void *));
 		if (!sd->instances) {
@@ -116,6 +120,7 @@ static int chain_build(struct ezp_core_ctx *d, struct ezp__pipeline *p,
 				.worker_index = w,
 				.pipeline = p->name,
 				.index = (unsigned)i,
+				.stage = (struct ezp_stage *)sd,
 			};
 			rc = sd->kind->create(&ctx, sd->conf.config, &sd->instances[w], err);
 			if (rc != EZP_OK) {

@@ -64,32 +64,59 @@ char *ezp__state_dir_resolve(const char *configured)
 	return strdup(buf);
 }
 
-static int service_start(struct ezp_core_ctx *d, const char *name, struct ezp_error *err)
+/* Start service kind @k with @config; it stops in ezp__services_stop. */
+static int service_run(struct ezp_core_ctx *d, const struct ezp_service_kind *k, const void *config,
+		       struct ezp_error *err)
 {
-	const struct ezp_service_kind *k = ezp__registry_service(d, name);
 	struct ezp__svc_run *v;
 	void *state = NULL;
 	int rc;
+
+	v = realloc(d->svcs, (d->n_svcs + 1) * sizeof(*v));
+	if (!v)
+		return ezp__error_set(err, EZP_ERR_NOMEM, EZP_SIDE_INTERNAL, "", 0, 0, "out of memory");
+	d->svcs = v;
+	rc = k->start(&d->table, config, &state, err);
+	if (rc != EZP_OK) {
+		if (!err->message[0])
+			ezp__error_set(err, rc, EZP_SIDE_INTERNAL, "", 0, 0,
+				       "the '%s' service did not start", k->name);
+		return rc;
+	}
+	d->svcs[d->n_svcs].kind = k;
+	d->svcs[d->n_svcs].state = state;
+	d->n_svcs++;
+	return EZP_OK;
+}
+
+/* The API's services, by name, with the Api section. */
+static int service_start(struct ezp_core_ctx *d, const char *name, struct ezp_error *err)
+{
+	const struct ezp_service_kind *k = ezp__registry_service(d, name);
 
 	if (!k)
 		return ezp__error_set(err, EZP_ERR_PLUGIN, EZP_SIDE_CONFIG, "", 0, 0,
 				      "Api is enabled but no loaded plugin provides the '%s' service; "
 				      "install the %s plugin or set Api.Enable: false",
 				      name, name);
-	v = realloc(d->svcs, (d->n_svcs + 1) * sizeof(*v));
-	if (!v)
-		return ezp__error_set(err, EZP_ERR_NOMEM, EZP_SIDE_INTERNAL, "", 0, 0, "out of memory");
-	d->svcs = v;
-	rc = k->start(&d->table, &d->api_conf, &state, err);
-	if (rc != EZP_OK) {
-		if (!err->message[0])
-			ezp__error_set(err, rc, EZP_SIDE_INTERNAL, "", 0, 0,
-				       "the '%s' service did not start", name);
-		return rc;
-	}
-	d->svcs[d->n_svcs].kind = k;
-	d->svcs[d->n_svcs].state = state;
-	d->n_svcs++;
+	return service_run(d, k, &d->api_conf, err);
+}
+
+/* Every loaded EZP_SERVICE_AUTOSTART service (fault, capture), in load order. */
+static int services_autostart(struct ezp_core_ctx *d, struct ezp_error *err)
+{
+	struct ezp__plugin *pl;
+	int rc;
+
+	LIST_FOREACH(pl, &d->reg.plugins, link)
+		for (size_t i = 0; pl->desc->services && pl->desc->services[i]; i++) {
+			const struct ezp_service_kind *k = pl->desc->services[i];
+			if (!EZP_HAS(k, flags) || !(k->flags & EZP_SERVICE_AUTOSTART))
+				continue;
+			rc = service_run(d, k, NULL, err);
+			if (rc != EZP_OK)
+				return rc;
+		}
 	return EZP_OK;
 }
 
@@ -105,6 +132,9 @@ int ezp__services_start(struct ezp_core_ctx *d, struct ezp_error *err)
 				    "cannot start the service loop");
 		goto fail;
 	}
+	rc = services_autostart(d, err);
+	if (rc != EZP_OK)
+		goto fail;
 	if (!a->enabled)
 		return EZP_OK;
 	d->state_dir = ezp__state_dir_resolve(d->cfg->state_dir);

@@ -291,4 +291,5 @@ void ezp__core_table_init(struct ezp_core_ctx *d)
 	t->find_service = ezp__find_service;
 	t->ctx = d;
 	t->pipeline_addresses = ezp__pipeline_addresses;
+	t->stage_wake = ezp__stage_wake;
 }

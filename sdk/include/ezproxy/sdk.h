@@ -325,6 +325,12 @@ enum ezp_filter_flags {
 	EZP_FILTER_READ_ONLY = 1u << 1,     /* never drops or replaces */
 	EZP_FILTER_EXCLUSIVE = 1u << 2,     /* claimable by one holder at a time */
 	EZP_FILTER_ALL_LEGS = 1u << 3,      /* sees every client leg's packets */
+	/*
+	 * Asleep until the filter wakes its stage with core->stage_wake: while
+	 * asleep packets pass without a call and the stage does not take
+	 * sessions off the zero-copy path (a fault stage with no fault set).
+	 */
+	EZP_FILTER_DORMANT = 1u << 4,
 };
 
 enum ezp_session_event {
@@ -361,6 +367,8 @@ struct ezp_filter_call {
 };
 
 /* What create() gets: where the instance runs. */
+struct ezp_stage; /* one item of one chain, shared by its per-worker instances */
+
 struct ezp_filter_ctx {
 	size_t struct_size;
 	const struct ezp_core *core;
@@ -368,6 +376,7 @@ struct ezp_filter_ctx {
 	unsigned worker_index;
 	const char *pipeline;
 	unsigned index;             /* position in the chain */
+	struct ezp_stage *stage;    /* for stage_wake; valid while the instance lives */
 };
 
 /*
@@ -399,6 +408,13 @@ struct ezp_filter_kind {
 	 * re-read whatever the filter reads from files (a script).
 	 */
 	void (*reload)(void *instance);
+	/*
+	 * Defaults for the core's HoldWindow and HoldTimeoutMs keys when an
+	 * item does not set them (0: the core's, 64 and 5000 ms). A filter
+	 * that holds every packet for a while (latency) wants a wide window.
+	 */
+	unsigned hold_window;
+	unsigned hold_timeout_ms;
 };
 
 /*
@@ -468,6 +484,17 @@ struct ezp_service_kind {
 	const char *iface_name;    /* e.g. "ezp.auth"; NULL = none */
 	unsigned iface_version;
 	const void *(*iface)(void *state);
+	unsigned flags;            /* enum ezp_service_flags */
+};
+
+enum ezp_service_flags {
+	/*
+	 * Started whenever the plugin is loaded, before auth and http-api
+	 * (which may then find its interface), with a NULL config; stopped
+	 * after them. Without it a service starts only when the core asks for
+	 * it by name (auth, http-api: when Api is enabled).
+	 */
+	EZP_SERVICE_AUTOSTART = 1u << 0,
 };
 
 /* ---- the plugin descriptor ---------------------------------------------- */
@@ -663,6 +690,14 @@ struct ezp_core {
 	 */
 	int (*pipeline_addresses)(struct ezp_core_ctx *ctx, const char *name,
 				  struct ezp_addr *bound, struct ezp_addr *to);
+	/*
+	 * stage_wake - wake (@awake 1) or put to sleep a DORMANT filter's stage
+	 * (ezp_filter_ctx.stage); no effect on other kinds. Sessions of the
+	 * chain leave or may rejoin the zero-copy path on their workers
+	 * shortly after: packets already bridged meanwhile pass unseen.
+	 * Thread: any.
+	 */
+	void (*stage_wake)(struct ezp_stage *stage, int awake);
 };
 
 #ifdef __cplusplus

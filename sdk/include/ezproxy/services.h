@@ -8,6 +8,8 @@
  *   "ezp.control" - provided by the core: what the API does to a running
  *                   daemon (status, pipelines, sessions, config, claims).
  *   "ezp.auth"    - provided by the auth plugin: keys and permissions.
+ *   "ezp.fault"   - provided by the fault plugin: faults set live.
+ *   "ezp.capture" - provided by the capture plugin: live pcapng streams.
  *
  * Threads: every function here runs on the "service" thread - the core's
  * service loop (ezp_control.service_worker), which runs no session - or on
@@ -265,6 +267,91 @@ struct ezp_auth {
 		"CheckStatus", "Close", "UseWebsocket", "Filter", "Inject", "MakeKeys",  \
 			"DuplicateKeys", "Reconfigure", "Capture"                        \
 	}
+
+/* ---- ezp.fault (the fault plugin) ------------------------------------------ */
+
+#define EZP_FAULT_IFACE "ezp.fault"
+#define EZP_FAULT_VERSION 1
+
+/* One direction's faults; all zero: none. */
+struct ezp_fault_dir {
+	uint32_t latency_ms;     /* added to every packet */
+	uint32_t jitter_ms;      /* plus a random 0..jitter_ms; order is kept */
+	double loss;             /* 0..1: share of packets dropped (whole packets, also on TCP) */
+	uint64_t bandwidth_bps;  /* bits per second; 0: no cap */
+	int freeze;              /* hold everything until cleared or freeze_max_ms, then in order */
+	int blackhole;           /* drop everything */
+};
+
+/* The faults of a pipeline or of one session. */
+struct ezp_faults {
+	size_t struct_size;
+	struct ezp_fault_dir dir[2]; /* indexed by enum ezp_direction */
+	uint64_t seed;               /* randomness (loss, jitter) repeats for a seed; 0: random */
+	uint32_t freeze_max_ms;      /* a freeze ends by itself after this; 0: 10000 */
+};
+
+/*
+ * What the API, Lua and the CLI change live. Thread: any; nothing blocks on
+ * a worker (settings are published to the workers, which pick them up at
+ * the next packet). Pipelines must have a `fault` stage in Through (the
+ * built-in default config has one when the plugin is loaded).
+ */
+struct ezp_fault {
+	size_t struct_size;
+	/*
+	 * Replace the faults of every session of @pipeline that has no faults
+	 * of its own; @f NULL or all zero clears. EZP_ERR_NOT_FOUND (message
+	 * says so) when the pipeline has no fault stage; EZP_ERR_INVAL with a
+	 * message naming the field for a bad value (loss outside 0..1, ...).
+	 */
+	int (*pipeline_set)(void *fault, const char *pipeline, const struct ezp_faults *f,
+			    struct ezp_error *err);
+	int (*pipeline_get)(void *fault, const char *pipeline, struct ezp_faults *out,
+			    struct ezp_error *err);
+	/*
+	 * A session's own faults, which replace its pipeline's for it; @f NULL
+	 * clears them (the pipeline's apply again). EZP_ERR_NOT_FOUND for an
+	 * unknown session or one whose pipeline has no fault stage.
+	 */
+	int (*session_set)(void *fault, uint64_t session_id, const struct ezp_faults *f,
+			   struct ezp_error *err);
+	/* *@own: 1 when the session has faults of its own, else @out is its pipeline's. */
+	int (*session_get)(void *fault, uint64_t session_id, struct ezp_faults *out, int *own,
+			   struct ezp_error *err);
+	void *fault;
+};
+
+/* ---- ezp.capture (the capture plugin) -------------------------------------- */
+
+#define EZP_CAPTURE_IFACE "ezp.capture"
+#define EZP_CAPTURE_VERSION 1
+
+struct ezp_capture_stream;
+
+/*
+ * Bytes of a live pcapng stream: the section header and interface blocks
+ * first, then one call per block. Return 0 to go on, nonzero to stop (the
+ * stream then ends as by stream_close, from inside this call). Thread: the
+ * service loop. @data is borrowed for the call.
+ */
+typedef int (*ezp_capture_write_fn)(void *userdata, const void *data, size_t len);
+
+struct ezp_capture {
+	size_t struct_size;
+	/*
+	 * Start a live capture of @pipeline (NULL: every pipeline) and
+	 * @session_id (0: every session). EZP_ERR_NOT_FOUND for an unknown
+	 * pipeline or session. Packets the stream could not keep up with are
+	 * counted and said in a comment block. Thread: the service loop.
+	 */
+	int (*stream_open)(void *capture, const char *pipeline, uint64_t session_id,
+			   ezp_capture_write_fn write, void *userdata,
+			   struct ezp_capture_stream **out, struct ezp_error *err);
+	/* After it returns, write is not called again. Thread: the service loop. */
+	void (*stream_close)(struct ezp_capture_stream *st);
+	void *capture;
+};
 
 #ifdef __cplusplus
 }
