@@ -115,6 +115,8 @@ struct script_inst {
 	unsigned index;
 };
 
+static struct ezp_stage *sleepy_stage; /* the last `sleepy` stage created (S.mu) */
+
 static const struct ezp_param script_params[] = {
     {"Name", EZP_PARAM_STRING, offsetof(struct script_conf, name), NULL, 1, 0, 0,
      "the name directives address"},
@@ -157,6 +159,8 @@ static int script_create(const struct ezp_filter_ctx *ctx, const void *config, v
 	in->index = ctx->index;
 	pthread_mutex_lock(&S.mu);
 	in->name = name_slot(c->name);
+	if (EZP_HAS(ctx, stage))
+		sleepy_stage = ctx->stage;
 	S.creates++;
 	pthread_mutex_unlock(&S.mu);
 	*instance = in;
@@ -369,8 +373,24 @@ static const struct ezp_filter_kind script_all_kind = {
     .destroy = script_destroy,
 };
 
+/* The same filter, dormant until the test wakes it, with its own hold defaults. */
+static const struct ezp_filter_kind sleepy_kind = {
+    .struct_size = sizeof(struct ezp_filter_kind),
+    .name = "sleepy",
+    .description = "script, asleep until woken",
+    .flags = EZP_FILTER_READS_PAYLOAD | EZP_FILTER_DORMANT,
+    .params = script_params,
+    .config_size = sizeof(struct script_conf),
+    .create = script_create,
+    .packet = script_packet,
+    .session_event = script_session_event,
+    .destroy = script_destroy,
+    .hold_window = 7,
+    .hold_timeout_ms = 12345,
+};
+
 static const struct ezp_filter_kind *const script_filters[] = {&script_kind, &script_all_kind,
-							       NULL};
+							       &sleepy_kind, NULL};
 
 static const struct ezp_plugin_desc script_plugin = {
     .struct_size = sizeof(struct ezp_plugin_desc),
@@ -1871,6 +1891,71 @@ static void test_exclusive_in_chain(void **state)
  * ezp__chain_answer(). Later filters then see a to-client packet as
  * to-server, session 0, no REPLACED flag; taps show flags 0.
  */
+/* ---- a dormant stage: skipped and off the fast path's way until woken ----------------- */
+
+static struct ezp_session_summary wait_bridged(int want, const char *what)
+{
+	uint64_t end = mono_ms() + WAIT_MS;
+	struct ezp_session_summary s;
+
+	do {
+		s = the_session("p");
+		if (s.bridged == want)
+			return s;
+		poll_pause();
+	} while (mono_ms() < end);
+	fail_msg("%s: the session is %sbridged", what, s.bridged ? "" : "not ");
+	return s;
+}
+
+static void test_dormant_stage(void **state)
+{
+	const struct ezp_core *core;
+	const struct ezp__hold_conf *h;
+	struct ezp__pipe_gen *g;
+	struct ezp_stage *stage;
+	int lfd = tcp_listener(), c, sv;
+
+	(void)state;
+	current_test = __func__;
+	daemon_up(1, "Pipelines:\n" TCP_PIPE("p", "[{sleepy: {Name: s1}}, {sleepy: {Name: s2, "
+						  "HoldWindow: 3}}]", "%u"),
+		  sock_port(lfd));
+	core = ezp_daemon_core(T->d);
+	/* the kind's hold defaults, unless the item sets its own */
+	g = ezp__pipeline_gen(ezp__pipeline_find((struct ezp_core_ctx *)T->d, "p"));
+	h = &g->chain->stages[0].conf.hold;
+	assert_int_equal(h->window, 7);
+	assert_int_equal(h->timeout_ms, 12345);
+	assert_int_equal(g->chain->stages[1].conf.hold.window, 3);
+	ezp__gen_unref(g);
+
+	c = tcp_connect(bound_port("p"));
+	sv = accept_wait(lfd);
+	send_text(c, "#s1=drop|asleep");
+	expect_stream(sv, "#s1=drop|asleep", "an asleep stage passes without a call");
+	wait_bridged(1, "asleep");
+	assert_int_equal(count_seen_by("s1"), 0);
+
+	pthread_mutex_lock(&S.mu);
+	stage = sleepy_stage; /* s2's, created last */
+	pthread_mutex_unlock(&S.mu);
+	core->stage_wake(stage, 1);
+	wait_bridged(0, "woken");
+	send_text(c, "#s2=drop|awake");
+	expect_quiet(sv, "the woken stage dropped it");
+	send_text(c, "#s2=repl:NEW|x");
+	expect_stream(sv, "#s2=repl:NEW|NEW", "the woken stage replaced it");
+	assert_int_equal(count_seen_by("s1"), 0);
+	core->stage_wake(stage, 1); /* again: nothing changes */
+
+	core->stage_wake(stage, 0);
+	wait_bridged(1, "asleep again: back on the fast path");
+	send_text(c, "#s2=drop|asleep again");
+	expect_stream(sv, "#s2=drop|asleep again", "asleep again: passes");
+	check_states_balanced();
+}
+
 static void test_bug_queued_replace_loses_head(void **state)
 {
 	int srv = udp_sock(0), c;
@@ -1971,6 +2056,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_close_in_chain, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_backpressure, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_exclusive_in_chain, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_dormant_stage, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_bug_queued_replace_loses_head, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_bug_old_chain_outlives_switch, setup, teardown),
 	};

@@ -1554,6 +1554,33 @@ static const struct ezp_service_kind http_api_service = {
     .stop = svc_stop,
 };
 
+/* Started whenever loaded (no Api needed), with no config, before auth and http-api. */
+static atomic_int auto_starts, auto_order; /* auto_order: svc_starts seen at its start */
+
+static int auto_start(const struct ezp_core *core, const void *config, void **state,
+		      struct ezp_error *err)
+{
+	(void)core;
+	(void)err;
+	if (config)
+		return EZP_ERR_INVAL;
+	atomic_fetch_add(&auto_starts, 1);
+	atomic_store(&auto_order, atomic_load(&svc_starts));
+	*state = (void *)"auto-state";
+	return EZP_OK;
+}
+
+static const struct ezp_service_kind auto_service = {
+    .struct_size = sizeof(struct ezp_service_kind),
+    .name = "auto",
+    .start = auto_start,
+    .stop = svc_stop,
+    .iface_name = "ezp.test-auto",
+    .iface_version = 1,
+    .iface = svc_iface,
+    .flags = EZP_SERVICE_AUTOSTART,
+};
+
 static const struct ezp_service_kind half_service = {
     .struct_size = sizeof(struct ezp_service_kind), .name = "half", .stop = svc_stop, /* no start */
 };
@@ -1580,6 +1607,7 @@ static int init_fails_quietly(const struct ezp_core *core, struct ezp_error *err
 
 static const struct ezp_service_kind *const api_services[] = {&http_api_service, &auth_service,
 							      NULL};
+static const struct ezp_service_kind *const auto_services[] = {&auto_service, NULL};
 static const struct ezp_service_kind *const half_services[] = {&half_service, NULL};
 static const struct ezp_transport_kind *const half_transports[] = {&half_transport, NULL};
 static const struct ezp_transport_kind *const tcp_again[] = {&listenonly_transport, NULL};
@@ -1593,6 +1621,7 @@ static const struct ezp_transport_kind *const tcp_again[] = {&listenonly_transpo
 static const struct ezp_plugin_desc api_plugin =
     DESC(.name = "api", .services = api_services, .fini = count_fini);
 static const struct ezp_plugin_desc api_again = DESC(.name = "api2", .services = api_services);
+static const struct ezp_plugin_desc auto_plugin = DESC(.name = "auto", .services = auto_services);
 static const struct ezp_plugin_desc half_svc_plugin = DESC(.name = "hs", .services = half_services);
 static const struct ezp_plugin_desc half_tx_plugin =
     DESC(.name = "ht", .transports = half_transports);
@@ -1863,6 +1892,50 @@ static void test_daemon_api_services(void **state)
 	rmdir(sub);
 	snprintf(sub, sizeof(sub), "%s/a", dir);
 	rmdir(sub);
+	rmdir(dir);
+}
+
+/* An EZP_SERVICE_AUTOSTART service runs without Api, and before auth/http-api with it. */
+static void test_daemon_autostart_service(void **state)
+{
+	struct ezp_error err = {0};
+	struct ezp_daemon *d;
+	const struct ezp_core *core;
+	char dir[] = "/tmp/ezp-auto-XXXXXX", yaml[512];
+
+	(void)state;
+	current_test = __func__;
+	d = bare_api_daemon("Pipelines: []\n"); /* no Api section */
+	assert_int_equal(ezp__registry_add_builtin((struct ezp_core_ctx *)d, &auto_plugin, &err),
+			 EZP_OK);
+	atomic_store(&auto_starts, 0);
+	atomic_store(&svc_stops, 0);
+	assert_int_equal(ezp_daemon_start(d, &err), EZP_OK);
+	assert_int_equal(atomic_load(&auto_starts), 1);
+	core = ezp_daemon_core(d);
+	assert_string_equal(core->find_service(core->ctx, "ezp.test-auto", 1), "auto-state");
+	ezp_daemon_stop(d);
+	assert_int_equal(atomic_load(&svc_stops), 1);
+
+	/* with the API: it starts first (auth has not started yet) and stops last */
+	assert_non_null(mkdtemp(dir));
+	snprintf(yaml, sizeof(yaml), "StateDir: %s\nApi: {Listen: 127.0.0.1:0}\nPipelines: []\n",
+		 dir);
+	d = bare_api_daemon("Pipelines: []\n");
+	assert_int_equal(ezp__registry_add_builtin((struct ezp_core_ctx *)d, &auto_plugin, &err),
+			 EZP_OK);
+	assert_int_equal(ezp__registry_add_builtin((struct ezp_core_ctx *)d, &api_plugin, &err),
+			 EZP_OK);
+	assert_int_equal(ezp_daemon_reload(d, yaml, NULL, &err), EZP_OK);
+	atomic_store(&auto_starts, 0);
+	atomic_store(&svc_starts, 0);
+	atomic_store(&svc_stops, 0);
+	assert_int_equal(ezp_daemon_start(d, &err), EZP_OK);
+	assert_int_equal(atomic_load(&auto_starts), 1);
+	assert_int_equal(atomic_load(&auto_order), 0);
+	assert_int_equal(atomic_load(&svc_starts), 1);
+	ezp_daemon_stop(d);
+	assert_int_equal(atomic_load(&svc_stops), 3);
 	rmdir(dir);
 }
 
@@ -3302,6 +3375,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_daemon_new_errors, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_daemon_pipeline_build_errors, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_daemon_start_port_taken, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_daemon_autostart_service, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_daemon_api_services, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_reload_diff, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_reload_errors_rollback, setup, teardown),
