@@ -265,12 +265,21 @@ class _TcpServer:
 
 
 class TcpEchoServer(_TcpServer):
+    """Echoes each connection; self.received counts every byte it got (under self.lock)."""
+
+    def __init__(self, port=0):
+        self.received = 0
+        super().__init__(port)
+
     def handle(self, conn):
         conn.settimeout(120)
         while True:
             b = conn.recv(65536)
             if not b:
                 break
+            with self.lock:
+                self.received += len(b)
+                self.lock.notify_all()
             conn.sendall(b)
         if self.stopping:
             return  # closed by the finally; with SO_LINGER 0 when aborting

@@ -80,27 +80,6 @@ def line_of(text, marker):
     raise AssertionError('marker %r not in script' % marker)
 
 
-class CountingEcho(TcpEchoServer):
-    """A TCP echo server that also counts the bytes it received."""
-
-    def __init__(self, port=0):
-        self.received = 0
-        super().__init__(port)
-
-    def handle(self, conn):
-        conn.settimeout(120)
-        while True:
-            b = conn.recv(65536)
-            if not b:
-                break
-            with self.lock:
-                self.received += len(b)
-                self.lock.notify_all()
-            conn.sendall(b)
-        if not self.stopping:
-            conn.shutdown(socket.SHUT_WR)
-
-
 class Client:
     """One TCP client of a pipeline."""
 
@@ -164,7 +143,7 @@ class Udp:
 
 class LuaCase(LogOnFailure, unittest.TestCase):
     def servers(self):
-        echo = CountingEcho()
+        echo = TcpEchoServer()
         self.addCleanup(echo.stop)
         return echo
 
