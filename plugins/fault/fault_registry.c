@@ -450,6 +450,14 @@ static void fp_log_set(const struct ezp_core *core, const char *what, const stru
 		  n ? buf : "");
 }
 
+/* May @d ask the core (ezp.control) from this thread? Not from a packet worker. */
+static int fp_may_ask(struct fp_daemon *d)
+{
+	struct ezp_worker *w = d->core->worker_current();
+
+	return d->control && (!w || w == d->control->service_worker(d->ctx));
+}
+
 /* No record: say whether the pipeline is unknown or only lacks the stage. */
 static int fp_no_pipe(struct fp_daemon *d, const char *name, struct ezp_error *err)
 {
@@ -457,8 +465,7 @@ static int fp_no_pipe(struct fp_daemon *d, const char *name, struct ezp_error *e
 
 	memset(&st, 0, sizeof(st));
 	st.struct_size = sizeof(st);
-	if (d->control && !d->core->worker_current() &&
-	    d->control->pipeline_stats(d->ctx, name, &st) != EZP_OK)
+	if (fp_may_ask(d) && d->control->pipeline_stats(d->ctx, name, &st) != EZP_OK)
 		return fp_err(err, EZP_ERR_NOT_FOUND, "no pipeline named '%s'", name);
 	return fp_err(err, EZP_ERR_NOT_FOUND,
 		      "pipeline '%s' has no fault stage (add `- fault: {}` to its Through)", name);
@@ -521,8 +528,7 @@ static int fp_no_sess(struct fp_daemon *d, uint64_t id, struct ezp_error *err)
 
 	memset(&sum, 0, sizeof(sum));
 	sum.struct_size = sizeof(sum);
-	if (d->control && !d->core->worker_current() &&
-	    d->control->session_get(d->ctx, id, &sum) != EZP_OK)
+	if (fp_may_ask(d) && d->control->session_get(d->ctx, id, &sum) != EZP_OK)
 		return fp_err(err, EZP_ERR_NOT_FOUND, "no session %llu", (unsigned long long)id);
 	return fp_err(err, EZP_ERR_NOT_FOUND, "session %llu: its pipeline has no fault stage",
 		      (unsigned long long)id);
