@@ -462,8 +462,8 @@ API = script('''
         local ok, err = pcall(ezp.set_server, tonumber(id), addr)
         say("T:SWAP ok=%s err=%s", tostring(ok), tostring(err))
       elseif cmd == "faults" then
-        local ok, err = pcall(ezp.set_faults, {LatencyMs = 10})
-        say("T:FAULTS ok=%s err=%s", tostring(ok), tostring(err))
+        local ok, r, why = pcall(ezp.set_faults, {LatencyMs = 10})
+        say("T:FAULTS ok=%s r=%s why=%s", tostring(ok), tostring(r), tostring(why))
       elseif cmd == "levels" then
         say("T:CONST %d %d %d %d", LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR)
         log(LEVEL_DEBUG, "T:LDEBUG")
@@ -578,10 +578,10 @@ class T02OldApi(LuaCase):
         self.wait(d, r'T:BADLEVEL ok=\w+')
         self.wait(d, r'T:BADSLEEP ok=\w+')
 
-        # set_faults: a clear error until the fault plugin exists
-        m = cmd('faults', r'T:FAULTS ok=(\w+) err=(.*)$')
-        self.assertEqual(m.group(1), 'false')
-        self.assertIn('the fault plugin is not loaded', m.group(2))
+        # set_faults on a pipeline without a fault stage: nil and a reason saying so
+        m = cmd('faults', r'T:FAULTS ok=(\w+) r=(\w+) why=(.*)$')
+        self.assertEqual((m.group(1), m.group(2)), ('true', 'nil'))
+        self.assertIn('no fault stage', m.group(3))
 
         # set_server: b's server leg moves to echo2; b stays connected
         active = echo.active
