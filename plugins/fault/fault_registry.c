@@ -528,7 +528,11 @@ static int fp_no_sess(struct fp_daemon *d, uint64_t id, struct ezp_error *err)
 
 	memset(&sum, 0, sizeof(sum));
 	sum.struct_size = sizeof(sum);
-	if (fp_may_ask(d) && d->control->session_get(d->ctx, id, &sum) != EZP_OK)
+	if (!fp_may_ask(d)) /* a packet worker (Lua) does not wait for the core */
+		return fp_err(err, EZP_ERR_NOT_FOUND, "no session %llu with a fault stage (it "
+			      "ended, never was, or its pipeline has no fault stage)",
+			      (unsigned long long)id);
+	if (d->control->session_get(d->ctx, id, &sum) != EZP_OK)
 		return fp_err(err, EZP_ERR_NOT_FOUND, "no session %llu", (unsigned long long)id);
 	return fp_err(err, EZP_ERR_NOT_FOUND, "session %llu: its pipeline has no fault stage",
 		      (unsigned long long)id);
@@ -551,7 +555,10 @@ static int fp_if_session_set(void *fault, uint64_t id, const struct ezp_faults *
 		s->own = f != NULL;
 		fp_set_store(&s->set, f);
 		snprintf(what, sizeof(what), "session %llu", (unsigned long long)id);
-		if (f)
+		if (f && fp_faults_zero(f))
+			d->core->log(EZP_LOG_INFO, FP_SRC, "%s: own faults: none (its pipeline's do "
+				     "not apply to it)", what);
+		else if (f)
 			fp_log_set(d->core, what, &s->set.f);
 		else
 			d->core->log(EZP_LOG_INFO, FP_SRC, "%s: own faults cleared (the pipeline's "
