@@ -120,8 +120,8 @@ struct fp_sess *fp_sess_open(struct fp_pipe *p, uint64_t id);
 void fp_sess_close(struct fp_sess *s, int closed);
 /* The faults that apply to @s now (its own or the pipeline's). Takes fp_lock. */
 void fp_sess_effective(struct fp_sess *s, struct fp_set *out, uint64_t *gen);
-/* A freeze of @p (or of @s's own faults, s != NULL) set at @since passed its bound. */
-void fp_freeze_expired(struct fp_pipe *p, struct fp_sess *s, uint64_t since);
+/* A freeze of @p or of one of its sessions may have passed its bound: clear it (logged). */
+void fp_freeze_expired(struct fp_pipe *p);
 /* Check and normalise a set of faults; the message names the field. */
 int fp_faults_check(const struct ezp_faults *f, struct ezp_error *err);
 int fp_faults_zero(const struct ezp_faults *f);

@@ -45,7 +45,6 @@ struct fp_dirst {
 	struct fp_tctx tctx;
 	int frozen;
 	uint64_t freeze_deadline;
-	uint64_t freeze_since;
 };
 
 /* A session's state in this instance (its filter slot). */
@@ -211,12 +210,8 @@ static void fp_timer(void *arg)
 	struct fp_dirst *ds = &ss->d[t->dir];
 	uint64_t now = fp_mono_us();
 
-	if (ds->frozen && now >= ds->freeze_deadline) {
-		/* the bound passed: clear it where it was set (logged there), then re-read */
-		ds->frozen = 0;
-		fp_freeze_expired(ss->in->pipe, ss->sess, ds->freeze_since);
-		fp_refresh(ss, now);
-	}
+	if (ds->frozen && now >= ds->freeze_deadline)
+		fp_refresh(ss, now); /* the bound passed: out in order, the flag cleared (logged) */
 	fp_release(ss, t->dir, now, 0);
 	fp_arm(ss, t->dir, now);
 }
@@ -227,6 +222,7 @@ static void fp_refresh(struct fp_ss *ss, uint64_t now)
 {
 	struct fp_set set;
 	uint64_t gen, serial = ss->eff.serial;
+	int expired = 0;
 
 	fp_sess_effective(ss->sess, &set, &gen);
 	ss->gen = gen;
@@ -238,8 +234,9 @@ static void fp_refresh(struct fp_ss *ss, uint64_t now)
 		struct fp_dirst *ds = &ss->d[dir];
 		ds->frozen = fd->freeze && set.freeze_since &&
 			     now < set.freeze_since + (uint64_t)set.f.freeze_max_ms * 1000u;
-		ds->freeze_since = set.freeze_since;
 		ds->freeze_deadline = set.freeze_since + (uint64_t)set.f.freeze_max_ms * 1000u;
+		if (fd->freeze && !ds->frozen)
+			expired = 1; /* its bound passed: clear the flag where it is set (below) */
 		if (!fd->bandwidth_bps)
 			ds->bw_free = 0;
 		if (!fp_dir_holds(fd)) { /* nothing holds any more: out now, in order */
@@ -250,6 +247,8 @@ static void fp_refresh(struct fp_ss *ss, uint64_t now)
 		}
 		fp_arm(ss, dir, now);
 	}
+	if (expired)
+		fp_freeze_expired(ss->in->pipe);
 }
 
 static inline void fp_check_gen(struct fp_ss *ss, uint64_t now)
@@ -353,8 +352,6 @@ static int fp_packet(void *instance, struct ezp_filter_call *call)
 	if (fd->loss > 0 && fp_rng_unit(&ds->loss_rng) < fd->loss)
 		return EZP_VERDICT_DROP;
 	if (ds->frozen && now >= ds->freeze_deadline) {
-		ds->frozen = 0;
-		fp_freeze_expired(in->pipe, ss->sess, ds->freeze_since);
 		fp_refresh(ss, now);
 		fd = &ss->eff.f.dir[dir];
 	}

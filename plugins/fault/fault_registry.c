@@ -327,7 +327,7 @@ void fp_pipe_yaml(struct fp_pipe *p, const struct ezp_faults *f)
 	if (!p->yaml_applied || memcmp(&p->yaml, f, sizeof(*f)) != 0) {
 		p->yaml = *f;
 		p->yaml_applied = 1;
-		fp_set_store(&p->set, fp_faults_zero(f) ? NULL : f);
+		fp_set_store(&p->set, f); /* its Seed and FreezeMaxMs too, with no fault set */
 		if (!fp_faults_zero(f))
 			fp_log_set(p->core, p->name, f);
 		fp_pipe_changed(p);
@@ -385,11 +385,10 @@ void fp_sess_effective(struct fp_sess *s, struct fp_set *out, uint64_t *gen)
 	pthread_mutex_unlock(&fp_lock);
 }
 
-/* Clear the freeze of @set if it is the one that started at @since and its bound passed. */
-static int fp_set_expire(struct fp_set *set, uint64_t since, uint64_t now)
+/* Clear the freeze of @set if its bound passed. */
+static int fp_set_expire(struct fp_set *set, uint64_t now)
 {
-	if (!set->freeze_since || (since && set->freeze_since != since) ||
-	    now < set->freeze_since + (uint64_t)set->f.freeze_max_ms * 1000u)
+	if (!set->freeze_since || now < set->freeze_since + (uint64_t)set->f.freeze_max_ms * 1000u)
 		return 0;
 	set->f.dir[0].freeze = set->f.dir[1].freeze = 0;
 	set->freeze_since = 0;
@@ -401,14 +400,14 @@ static void fp_pipe_expire(struct fp_pipe *p, uint64_t now)
 	struct fp_sess *s;
 	int any = 0;
 
-	if (fp_set_expire(&p->set, 0, now)) {
+	if (fp_set_expire(&p->set, now)) {
 		p->core->log(EZP_LOG_INFO, FP_SRC, "pipeline %s: the freeze ended after "
 			     "FreezeMaxMs (%u ms); held packets are released in order",
 			     p->name, p->set.f.freeze_max_ms);
 		any = 1;
 	}
 	for (s = p->sessions; s; s = s->next)
-		if (s->own && fp_set_expire(&s->set, 0, now)) {
+		if (s->own && fp_set_expire(&s->set, now)) {
 			p->core->log(EZP_LOG_INFO, FP_SRC, "session %llu: the freeze ended after "
 				     "FreezeMaxMs (%u ms); held packets are released in order",
 				     (unsigned long long)s->id, s->set.f.freeze_max_ms);
@@ -418,10 +417,8 @@ static void fp_pipe_expire(struct fp_pipe *p, uint64_t now)
 		fp_pipe_changed(p);
 }
 
-void fp_freeze_expired(struct fp_pipe *p, struct fp_sess *s, uint64_t since)
+void fp_freeze_expired(struct fp_pipe *p)
 {
-	(void)s;
-	(void)since;
 	pthread_mutex_lock(&fp_lock);
 	fp_pipe_expire(p, fp_mono_us());
 	pthread_mutex_unlock(&fp_lock);
@@ -486,7 +483,7 @@ static int fp_if_pipeline_set(void *fault, const char *pipeline, const struct ez
 	pthread_mutex_lock(&fp_lock);
 	p = fp_pipe_find(d, pipeline);
 	if (p) {
-		fp_set_store(&p->set, fp_faults_zero(f) ? NULL : f);
+		fp_set_store(&p->set, f);
 		fp_log_set(d->core, p->name, &p->set.f);
 		fp_pipe_changed(p);
 	}
