@@ -3,8 +3,11 @@
  *
  * Objects and the threads they live on:
  *   struct fp_daemon - one per daemon (core ctx): the `ezp.fault` interface
- *       table and the pipelines with a fault stage. Kept until the plugin is
- *       unloaded, so an interface pointer found once stays valid.
+ *       table and the pipelines with a fault stage. Freed by the plugin's fini
+ *       once neither its service nor a pipeline uses it (fini runs each time a
+ *       daemon that loaded the plugin is freed; other daemons may still run),
+ *       so an interface pointer found by a script stays valid while its
+ *       daemon lives.
  *   struct fp_pipe   - the faults of one pipeline (by name), shared by every
  *       instance of its `fault` stage on every worker and by every chain
  *       generation of the pipeline (a reload builds new instances that find
@@ -92,6 +95,7 @@ struct fp_pipe {
 };
 
 struct fp_daemon {
+	int refs;                    /* the running service + pipes (fp_lock) */
 	struct ezp_core_ctx *ctx;
 	const struct ezp_core *core;
 	const struct ezp_control *control; /* for "no such pipeline/session" (may be NULL) */
@@ -103,8 +107,7 @@ struct fp_daemon {
 extern pthread_mutex_t fp_lock;
 
 /* ---- fault_registry.c ---- */
-/* The daemon's record (made on first use). Thread: any. NULL on OOM. */
-struct fp_daemon *fp_daemon_get(const struct ezp_core *core);
+/* Free the records no service or pipeline uses. Thread: control (fini). */
 void fp_daemons_free(void);
 /* A pipeline's record, ref'd by an instance; NULL on OOM. Thread: any. */
 struct fp_pipe *fp_pipe_get(const struct ezp_core *core, const char *name);

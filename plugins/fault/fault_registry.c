@@ -159,23 +159,18 @@ static struct fp_daemon *fp_daemon_get_locked(const struct ezp_core *core)
 	return d;
 }
 
-struct fp_daemon *fp_daemon_get(const struct ezp_core *core)
-{
-	struct fp_daemon *d;
-
-	pthread_mutex_lock(&fp_lock);
-	d = fp_daemon_get_locked(core);
-	pthread_mutex_unlock(&fp_lock);
-	return d;
-}
-
 void fp_daemons_free(void)
 {
+	struct fp_daemon **pp, *d;
+
 	pthread_mutex_lock(&fp_lock);
-	while (fp_daemons) {
-		struct fp_daemon *d = fp_daemons;
-		fp_daemons = d->next;
-		free(d); /* its pipes went with their instances */
+	for (pp = &fp_daemons; (d = *pp);) {
+		if (d->refs) { /* another daemon of the process still runs */
+			pp = &d->next;
+			continue;
+		}
+		*pp = d->next;
+		free(d);
 	}
 	pthread_mutex_unlock(&fp_lock);
 }
@@ -201,6 +196,7 @@ struct fp_pipe *fp_pipe_get(const struct ezp_core *core, const char *name)
 		goto out;
 	}
 	p->daemon = d;
+	d->refs++;
 	p->core = core;
 	p->refs = 1;
 	fp_set_store(&p->set, NULL);
@@ -229,6 +225,7 @@ void fp_pipe_put(struct fp_pipe *p)
 			*pp = p->next;
 			break;
 		}
+	p->daemon->refs--;
 	while (p->sessions) { /* sessions moved to a chain without a fault stage */
 		struct fp_sess *s = p->sessions;
 		p->sessions = s->next;
@@ -602,12 +599,15 @@ static int fp_svc_start(const struct ezp_core *core, const void *config, void **
 	struct fp_daemon *d;
 
 	(void)config;
-	d = fp_daemon_get(core);
+	pthread_mutex_lock(&fp_lock);
+	d = fp_daemon_get_locked(core);
+	if (d) {
+		d->refs++;
+		d->control = core->find_service(core->ctx, EZP_CONTROL_IFACE, EZP_CONTROL_VERSION);
+	}
+	pthread_mutex_unlock(&fp_lock);
 	if (!d)
 		return fp_err(err, EZP_ERR_NOMEM, "fault: out of memory");
-	pthread_mutex_lock(&fp_lock);
-	d->control = core->find_service(core->ctx, EZP_CONTROL_IFACE, EZP_CONTROL_VERSION);
-	pthread_mutex_unlock(&fp_lock);
 	*state = d;
 	return EZP_OK;
 }
@@ -617,7 +617,8 @@ static void fp_svc_stop(void *state)
 	struct fp_daemon *d = state;
 
 	pthread_mutex_lock(&fp_lock);
-	d->control = NULL; /* the record stays: interface pointers handed out remain valid */
+	d->control = NULL; /* the record stays until fini: pointers handed out remain valid */
+	d->refs--;
 	pthread_mutex_unlock(&fp_lock);
 }
 
