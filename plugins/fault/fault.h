@@ -115,7 +115,7 @@ void fp_pipe_put(struct fp_pipe *p);
 /* Register / forget a live instance of @stage (wakes the stage while faults are set). */
 int fp_pipe_attach(struct fp_pipe *p, struct fp_inst *in, struct ezp_stage *stage);
 void fp_pipe_detach(struct fp_pipe *p, struct fp_inst *in, struct ezp_stage *stage);
-/* The YAML of an instance (create or reconfigure): applied when it differs from the last. */
+/* The YAML of a new instance: applied when it differs from the values last applied. */
 void fp_pipe_yaml(struct fp_pipe *p, const struct ezp_faults *f);
 /* Announce a session on a worker; returns its record (attached) or NULL on OOM. */
 struct fp_sess *fp_sess_open(struct fp_pipe *p, uint64_t id);

@@ -5,8 +5,8 @@
  * its release time, which never comes before the release of the packet
  * ahead of it in the same direction (order is kept). The stage is dormant:
  * the core calls it only while some fault of its pipeline is set.
- * Thread: create on the control thread; packet, session_event, reconfigure,
- * the timers and the refresh jobs on the instance's worker; destroy on any
+ * Thread: create on the control thread; packet, session_event, the timers
+ * and the refresh jobs on the instance's worker; destroy on any
  * thread once the core calls nothing else of the instance.
  */
 #include <stddef.h>
@@ -420,7 +420,7 @@ void fp_inst_poke(struct fp_inst *in)
 	}
 }
 
-/* ---- create / reconfigure / destroy ---- */
+/* ---- create / destroy ---- */
 
 /* The YAML of an item as a set of faults; the message names the key. */
 static int fp_conf_faults(const struct fp_conf *c, struct ezp_faults *f, struct ezp_error *err)
@@ -506,17 +506,6 @@ nomem:
 	return EZP_ERR_NOMEM;
 }
 
-static int fp_reconfigure(void *instance, const void *config, struct ezp_error *err)
-{
-	struct fp_inst *in = instance;
-	struct ezp_faults f;
-	int rc = fp_conf_faults(config, &f, err);
-
-	if (rc == EZP_OK)
-		fp_pipe_yaml(in->pipe, &f); /* the first worker's call applies it */
-	return rc;
-}
-
 static const struct ezp_filter_kind fp_kind = {
 	.struct_size = sizeof(struct ezp_filter_kind),
 	.name = "fault",
@@ -528,7 +517,6 @@ static const struct ezp_filter_kind fp_kind = {
 	.create = fp_create,
 	.packet = fp_packet,
 	.session_event = fp_session_event,
-	.reconfigure = fp_reconfigure,
 	.destroy = fp_destroy,
 	.hold_window = FP_HOLD_WINDOW,
 	.hold_timeout_ms = FP_HOLD_TIMEOUT_MS,

@@ -386,6 +386,14 @@ class FaultCase(unittest.TestCase):
         js = self.put('/api/3/sessions/%d/faults' % ida, {})   # back to the pipeline's
         self.assertFalse(js['own'])
         self.assertDelay(a.rtt(), 300)
+        # a session's own freeze ends by itself at its bound, logged
+        mark = self.d.mark()
+        self.put('/api/3/sessions/%d/faults' % idb, {'to_server': {'freeze': True},
+                                                     'freeze_max_ms': 300})
+        self.assertGreaterEqual(b.rtt(b'thaw'), 0.2)
+        self.d.wait_line(r'session %d: the freeze ended after FreezeMaxMs \(300 ms\)' % idb,
+                         since=mark, timeout=5)
+        self.assertFalse(self.get('/api/3/sessions/%d/faults' % idb)['to_server']['freeze'])
         # a session's own faults alone wake the stage too
         self.faults('t', {})
         self.put('/api/3/sessions/%d/faults' % idb, {'to_client': {'latency_ms': 120}})
@@ -511,7 +519,7 @@ class FaultReloadCase(unittest.TestCase):
         applied, line = d.reload(text.replace('LatencyMs: 100', 'Loss: 2'))
         self.assertFalse(applied)
         self.assertIn('Loss', line)
-        applied, line = d.reload(text.replace('LatencyMs: 100', 'Direction: up'))
+        applied, line = d.reload(text.replace('Direction: to_server', 'Direction: up'))
         self.assertFalse(applied)
         self.assertIn('Direction', line)
         self.assertTrue(0.199 <= c.rtt() < 0.2 + SLACK)
