@@ -30,14 +30,17 @@ struct fault_args {
 static void fault_usage(FILE *out)
 {
 	fprintf(out,
-		"usage: ezproxy fault set PIPELINE [--session ID] [--direction both|to_server|to_client]\n"
-		"                 [--latency MS] [--jitter MS] [--loss X] [--bandwidth BPS] [--freeze]\n"
+		"usage: ezproxy fault set PIPELINE [--session ID] [--direction "
+		"both|to_server|to_client]\n"
+		"                 [--latency MS] [--jitter MS] [--loss X] [--bandwidth BPS] "
+		"[--freeze]\n"
 		"                 [--blackhole] [--seed N] [--freeze-max MS] [REMOTE]\n"
 		"       ezproxy fault clear PIPELINE [--session ID] [REMOTE]\n"
 		"       ezproxy fault show PIPELINE [--session ID] [--json] [REMOTE]\n"
 		"  set replaces the faults of the direction(s) given (default both) and keeps the\n"
 		"  other direction's; clear removes them all (for a session: its own, so its\n"
-		"  pipeline's apply again). REMOTE: --api URL, -c FILE, --key KEY (as ezproxy watch).\n");
+		"  pipeline's apply again). REMOTE: --api URL, -c FILE, --key KEY (as ezproxy "
+		"watch).\n");
 }
 
 /* A whole number option in 0..@max; 0 on success, else 2 after saying why. */
@@ -60,22 +63,14 @@ static int fault_num(const char *opt, const char *s, long long max, long long *o
 static int fault_parse(int argc, char **argv, struct fault_args *a, struct ezp__cli_remote *r)
 {
 	static const struct option opts[] = {
-	    {"session", required_argument, NULL, 's'},
-	    {"direction", required_argument, NULL, 'd'},
-	    {"latency", required_argument, NULL, 'L'},
-	    {"jitter", required_argument, NULL, 'J'},
-	    {"loss", required_argument, NULL, 'l'},
-	    {"bandwidth", required_argument, NULL, 'b'},
-	    {"freeze", no_argument, NULL, 'F'},
-	    {"blackhole", no_argument, NULL, 'B'},
-	    {"seed", required_argument, NULL, 'S'},
-	    {"freeze-max", required_argument, NULL, 'M'},
-	    {"json", no_argument, NULL, 'j'},
-	    {"api", required_argument, NULL, 'a'},
-	    {"key", required_argument, NULL, 'k'},
-	    {"config", required_argument, NULL, 'c'},
-	    {"help", no_argument, NULL, 'h'},
-	    {0},
+	    {"session", required_argument, NULL, 's'}, {"direction", required_argument, NULL, 'd'},
+	    {"latency", required_argument, NULL, 'L'}, {"jitter", required_argument, NULL, 'J'},
+	    {"loss", required_argument, NULL, 'l'},    {"bandwidth", required_argument, NULL, 'b'},
+	    {"freeze", no_argument, NULL, 'F'},	       {"blackhole", no_argument, NULL, 'B'},
+	    {"seed", required_argument, NULL, 'S'},    {"freeze-max", required_argument, NULL, 'M'},
+	    {"json", no_argument, NULL, 'j'},	       {"api", required_argument, NULL, 'a'},
+	    {"key", required_argument, NULL, 'k'},     {"config", required_argument, NULL, 'c'},
+	    {"help", no_argument, NULL, 'h'},	       {0},
 	};
 	int c, li = -1, set = !strcmp(a->cmd, "set");
 	char *end;
@@ -83,8 +78,10 @@ static int fault_parse(int argc, char **argv, struct fault_args *a, struct ezp__
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "c:h", opts, &li)) != -1) {
 		if (!set && c > 0 && strchr("dLJlbFBSM", c)) {
-			fprintf(stderr, "ezproxy: fault %s takes no fault values (--%s); use "
-				"'ezproxy fault set'\n", a->cmd, li >= 0 ? opts[li].name : "?");
+			fprintf(stderr,
+				"ezproxy: fault %s takes no fault values (--%s); use "
+				"'ezproxy fault set'\n",
+				a->cmd, li >= 0 ? opts[li].name : "?");
 			return 2;
 		}
 		switch (c) {
@@ -92,16 +89,20 @@ static int fault_parse(int argc, char **argv, struct fault_args *a, struct ezp__
 			a->session = optarg;
 			if (!optarg[0] || strspn(optarg, "0123456789") != strlen(optarg) ||
 			    strlen(optarg) > 20) {
-				fprintf(stderr, "ezproxy: --session takes a session id (a number, as "
-					"in GET /api/3/sessions), not '%s'\n", optarg);
+				fprintf(stderr,
+					"ezproxy: --session takes a session id (a number, as "
+					"in GET /api/3/sessions), not '%s'\n",
+					optarg);
 				return 2;
 			}
 			break;
 		case 'd':
 			if (strcmp(optarg, "both") && strcmp(optarg, "to_server") &&
 			    strcmp(optarg, "to_client")) {
-				fprintf(stderr, "ezproxy: --direction must be both, to_server or "
-					"to_client, not '%s'\n", optarg);
+				fprintf(stderr,
+					"ezproxy: --direction must be both, to_server or "
+					"to_client, not '%s'\n",
+					optarg);
 				return 2;
 			}
 			a->direction = optarg;
@@ -135,8 +136,10 @@ static int fault_parse(int argc, char **argv, struct fault_args *a, struct ezp__
 			errno = 0;
 			a->loss = strtod(optarg, &end);
 			if (errno || end == optarg || *end || !(a->loss >= 0 && a->loss <= 1)) {
-				fprintf(stderr, "ezproxy: --loss must be a number in 0..1 (the share "
-					"of packets dropped: 0.05 is 5%%), not '%s'\n", optarg);
+				fprintf(stderr,
+					"ezproxy: --loss must be a number in 0..1 (the share "
+					"of packets dropped: 0.05 is 5%%), not '%s'\n",
+					optarg);
 				return 2;
 			}
 			a->has_loss = 1;
@@ -161,8 +164,10 @@ static int fault_parse(int argc, char **argv, struct fault_args *a, struct ezp__
 		}
 	}
 	if (optind >= argc) {
-		fprintf(stderr, "ezproxy: fault %s needs a PIPELINE name; see 'ezproxy fault "
-			"--help'\n", a->cmd);
+		fprintf(stderr,
+			"ezproxy: fault %s needs a PIPELINE name; see 'ezproxy fault "
+			"--help'\n",
+			a->cmd);
 		return 2;
 	}
 	a->pipeline = argv[optind++];
@@ -197,9 +202,10 @@ static int fault_call(struct ezp__cli_remote *r, const char *method, const char 
 	if (!json_is_object(*out)) {
 		json_decref(*out);
 		*out = NULL;
-		fprintf(stderr, "ezproxy: the ezproxy API at %s answered %s %s with something "
-			"else than JSON; is --api really an ezproxy v3 API?\n", r->api.url,
-			method, path);
+		fprintf(stderr,
+			"ezproxy: the ezproxy API at %s answered %s %s with something "
+			"else than JSON; is --api really an ezproxy v3 API?\n",
+			r->api.url, method, path);
 		goto done;
 	}
 	rc = 0;
@@ -263,7 +269,8 @@ static void fault_print(const struct fault_args *a, json_t *f)
 	json_t *own = json_object_get(f, "own");
 
 	if (a->json) {
-		char *text = json_dumps(f, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
+		char *text =
+		    json_dumps(f, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
 		printf("%s\n", text ? text : "{}");
 		free(text);
 		return;
@@ -319,8 +326,9 @@ static int fault_set(struct ezp__cli_remote *r, const struct fault_args *a, cons
 		else
 			json_object_set(body, name, json_object_get(cur, name));
 	}
-	json_object_set_new(body, "seed", a->has_seed ? json_integer(a->seed)
-						   : json_incref(json_object_get(cur, "seed")));
+	json_object_set_new(body, "seed",
+			    a->has_seed ? json_integer(a->seed)
+					: json_incref(json_object_get(cur, "seed")));
 	json_object_set_new(body, "freeze_max_ms",
 			    a->has_freeze_max ? json_integer(a->freeze_max)
 					      : json_incref(json_object_get(cur, "freeze_max_ms")));
@@ -344,15 +352,17 @@ int ezp__cli_fault(int argc, char **argv)
 	char path[160];
 	int rc;
 
-	if (argc < 2 || (strcmp(argv[1], "set") && strcmp(argv[1], "clear") &&
-			 strcmp(argv[1], "show"))) {
+	if (argc < 2 ||
+	    (strcmp(argv[1], "set") && strcmp(argv[1], "clear") && strcmp(argv[1], "show"))) {
 		if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
 			fault_usage(stdout);
 			return 0;
 		}
-		fprintf(stderr, "ezproxy: %s%s%suse 'ezproxy fault set|clear|show PIPELINE' (see "
-			"'ezproxy fault --help')\n", argc >= 2 ? "unknown fault command '" : "",
-			argc >= 2 ? argv[1] : "", argc >= 2 ? "'; " : "");
+		fprintf(stderr,
+			"ezproxy: %s%s%suse 'ezproxy fault set|clear|show PIPELINE' (see "
+			"'ezproxy fault --help')\n",
+			argc >= 2 ? "unknown fault command '" : "", argc >= 2 ? argv[1] : "",
+			argc >= 2 ? "'; " : "");
 		return 2;
 	}
 	a.cmd = argv[1];
@@ -360,8 +370,8 @@ int ezp__cli_fault(int argc, char **argv)
 	if (rc)
 		return rc < 0 ? 0 : rc;
 	if ((strlen(a.pipeline) > 64 ||
-			   strspn(a.pipeline, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-					      "0123456789_.-") != strlen(a.pipeline))) {
+	     strspn(a.pipeline, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+				"0123456789_.-") != strlen(a.pipeline))) {
 		fprintf(stderr, "ezproxy: '%s' is not a pipeline name (letters, digits, _ . -)\n",
 			a.pipeline);
 		return 2;

@@ -70,9 +70,9 @@ struct fp_stage_ref {
 struct fp_sess {
 	uint64_t id;
 	struct fp_pipe *pipe;
-	int attached;       /* instances that announced it */
-	int own;            /* has its own faults */
-	struct fp_set set;  /* its own faults when own */
+	int attached;	   /* instances that announced it */
+	int own;	   /* has its own faults */
+	struct fp_set set; /* its own faults when own */
 	struct fp_sess *next, **pprev;
 };
 
@@ -80,22 +80,22 @@ struct fp_pipe {
 	char *name;
 	struct fp_daemon *daemon;
 	const struct ezp_core *core;
-	int refs;                    /* instances (fp_lock) */
-	struct fp_set set;           /* the pipeline's faults */
-	int yaml_applied;            /* yaml holds what the YAML last set */
+	int refs;	   /* instances (fp_lock) */
+	struct fp_set set; /* the pipeline's faults */
+	int yaml_applied;  /* yaml holds what the YAML last set */
 	struct ezp_faults yaml;
-	atomic_uint_fast64_t gen;    /* bumped at each change of set or of a session's */
-	atomic_int active;           /* some fault is set (pipeline or a session) */
+	atomic_uint_fast64_t gen; /* bumped at each change of set or of a session's */
+	atomic_int active;	  /* some fault is set (pipeline or a session) */
 	struct fp_stage_ref *stages;
 	size_t n_stages;
-	struct fp_inst **insts;      /* live instances, for the refresh jobs */
+	struct fp_inst **insts; /* live instances, for the refresh jobs */
 	size_t n_insts;
 	struct fp_sess *sessions;
 	struct fp_pipe *next;
 };
 
 struct fp_daemon {
-	int refs;                    /* the running service + pipes (fp_lock) */
+	int refs; /* the running service + pipes (fp_lock) */
 	struct ezp_core_ctx *ctx;
 	const struct ezp_core *core;
 	const struct ezp_control *control; /* for "no such pipeline/session" (may be NULL) */

@@ -39,7 +39,7 @@ struct fp_dirst {
 	struct fp_held *q; /* a ring of held packets, in arrival order */
 	size_t cap, head, n;
 	uint64_t last_release;
-	uint64_t bw_free;  /* when the bandwidth cap has sent what came so far */
+	uint64_t bw_free; /* when the bandwidth cap has sent what came so far */
 	struct fp_rng loss_rng, jitter_rng;
 	struct ezp_timer *timer;
 	struct fp_tctx tctx;
@@ -51,7 +51,7 @@ struct fp_dirst {
 struct fp_ss {
 	struct fp_inst *in;
 	struct fp_sess *sess;
-	uint64_t gen;     /* of the faults in eff */
+	uint64_t gen; /* of the faults in eff */
 	struct fp_set eff;
 	struct fp_dirst d[2];
 	struct fp_ss *next, **pprev;
@@ -70,25 +70,25 @@ struct fp_inst {
 };
 
 static const struct ezp_param fp_params[] = {
-	{"LatencyMs", EZP_PARAM_MS, offsetof(struct fp_conf, latency_ms), "0", 0, 0,
-	 FP_MAX_LATENCY_MS, "added to every packet (ms)"},
-	{"JitterMs", EZP_PARAM_MS, offsetof(struct fp_conf, jitter_ms), "0", 0, 0,
-	 FP_MAX_JITTER_MS, "plus a random 0..JitterMs per packet; order is kept"},
-	{"Loss", EZP_PARAM_DOUBLE, offsetof(struct fp_conf, loss), "0", 0, 0, 0,
-	 "0..1: share of packets dropped (whole packets; on TCP that cuts the byte stream)"},
-	{"BandwidthBps", EZP_PARAM_INT, offsetof(struct fp_conf, bandwidth_bps), "0", 0, 0,
-	 (int64_t)FP_MAX_BANDWIDTH, "bits per second each direction may carry; 0: no cap"},
-	{"Freeze", EZP_PARAM_BOOL, offsetof(struct fp_conf, freeze), "false", 0, 0, 0,
-	 "hold every packet until cleared or FreezeMaxMs, then release them in order"},
-	{"Blackhole", EZP_PARAM_BOOL, offsetof(struct fp_conf, blackhole), "false", 0, 0, 0,
-	 "drop every packet"},
-	{"Seed", EZP_PARAM_INT, offsetof(struct fp_conf, seed), "0", 0, 0, INT64_MAX,
-	 "randomness (loss, jitter) repeats for a seed; 0: random"},
-	{"FreezeMaxMs", EZP_PARAM_MS, offsetof(struct fp_conf, freeze_max_ms), "10000", 0, 1,
-	 FP_MAX_FREEZE_MS, "a freeze ends by itself after this long"},
-	{"Direction", EZP_PARAM_STRING, offsetof(struct fp_conf, direction), "both", 0, 0, 0,
-	 "which direction this item's values apply to: both, to_server or to_client"},
-	EZP_PARAM_END,
+    {"LatencyMs", EZP_PARAM_MS, offsetof(struct fp_conf, latency_ms), "0", 0, 0, FP_MAX_LATENCY_MS,
+     "added to every packet (ms)"},
+    {"JitterMs", EZP_PARAM_MS, offsetof(struct fp_conf, jitter_ms), "0", 0, 0, FP_MAX_JITTER_MS,
+     "plus a random 0..JitterMs per packet; order is kept"},
+    {"Loss", EZP_PARAM_DOUBLE, offsetof(struct fp_conf, loss), "0", 0, 0, 0,
+     "0..1: share of packets dropped (whole packets; on TCP that cuts the byte stream)"},
+    {"BandwidthBps", EZP_PARAM_INT, offsetof(struct fp_conf, bandwidth_bps), "0", 0, 0,
+     (int64_t)FP_MAX_BANDWIDTH, "bits per second each direction may carry; 0: no cap"},
+    {"Freeze", EZP_PARAM_BOOL, offsetof(struct fp_conf, freeze), "false", 0, 0, 0,
+     "hold every packet until cleared or FreezeMaxMs, then release them in order"},
+    {"Blackhole", EZP_PARAM_BOOL, offsetof(struct fp_conf, blackhole), "false", 0, 0, 0,
+     "drop every packet"},
+    {"Seed", EZP_PARAM_INT, offsetof(struct fp_conf, seed), "0", 0, 0, INT64_MAX,
+     "randomness (loss, jitter) repeats for a seed; 0: random"},
+    {"FreezeMaxMs", EZP_PARAM_MS, offsetof(struct fp_conf, freeze_max_ms), "10000", 0, 1,
+     FP_MAX_FREEZE_MS, "a freeze ends by itself after this long"},
+    {"Direction", EZP_PARAM_STRING, offsetof(struct fp_conf, direction), "both", 0, 0, 0,
+     "which direction this item's values apply to: both, to_server or to_client"},
+    EZP_PARAM_END,
 };
 
 /* ---- random numbers ---- */
@@ -298,8 +298,10 @@ static struct fp_ss *fp_ss_new(struct fp_inst *in, uint64_t id)
 	fp_refresh(ss, fp_mono_us());
 	return ss;
 fail:
-	in->core->log(EZP_LOG_ERROR, FP_SRC, "%s: out of memory for session %llu: its packets "
-		      "pass without faults", in->pipe->name, (unsigned long long)id);
+	in->core->log(EZP_LOG_ERROR, FP_SRC,
+		      "%s: out of memory for session %llu: its packets "
+		      "pass without faults",
+		      in->pipe->name, (unsigned long long)id);
 	for (int d = 0; ss && d < 2; d++)
 		if (ss->d[d].timer)
 			in->core->timer_free(ss->d[d].timer);
@@ -360,8 +362,8 @@ static int fp_packet(void *instance, struct ezp_filter_call *call)
 	rel = now;
 	if (fd->bandwidth_bps) {
 		uint64_t start = ds->bw_free > now ? ds->bw_free : now;
-		ds->bw_free = start + (uint64_t)((double)call->pkt->len * 8e6 /
-						 (double)fd->bandwidth_bps);
+		ds->bw_free =
+		    start + (uint64_t)((double)call->pkt->len * 8e6 / (double)fd->bandwidth_bps);
 		rel = ds->bw_free;
 	}
 	rel += (uint64_t)fd->latency_ms * 1000u;
@@ -373,8 +375,10 @@ static int fp_packet(void *instance, struct ezp_filter_call *call)
 	if (!ds->frozen && rel <= now)
 		return EZP_VERDICT_PASS;
 	if (fp_push(ds, call->hold_id, rel) != EZP_OK) {
-		in->core->log(EZP_LOG_WARN, FP_SRC, "%s: out of memory holding a packet: it "
-			      "passes now", in->pipe->name);
+		in->core->log(EZP_LOG_WARN, FP_SRC,
+			      "%s: out of memory holding a packet: it "
+			      "passes now",
+			      in->pipe->name);
 		return EZP_VERDICT_PASS;
 	}
 	if (ds->n == 1)
@@ -439,7 +443,8 @@ static int fp_conf_faults(const struct fp_conf *c, struct ezp_faults *f, struct 
 	}
 	if (!(c->loss >= 0 && c->loss <= 1)) {
 		snprintf(err->message, sizeof(err->message),
-			 "fault: Loss must be a number in 0..1 (a share of packets), not %g", c->loss);
+			 "fault: Loss must be a number in 0..1 (a share of packets), not %g",
+			 c->loss);
 		goto fail;
 	}
 	for (int d = 0; d < 2; d++) {
@@ -507,19 +512,19 @@ nomem:
 }
 
 static const struct ezp_filter_kind fp_kind = {
-	.struct_size = sizeof(struct ezp_filter_kind),
-	.name = "fault",
-	.description = "adds latency, jitter, loss, a bandwidth cap, freezes or a blackhole, "
-		       "per direction; set live by the API, Lua and `ezproxy fault`",
-	.flags = EZP_FILTER_DORMANT,
-	.params = fp_params,
-	.config_size = sizeof(struct fp_conf),
-	.create = fp_create,
-	.packet = fp_packet,
-	.session_event = fp_session_event,
-	.destroy = fp_destroy,
-	.hold_window = FP_HOLD_WINDOW,
-	.hold_timeout_ms = FP_HOLD_TIMEOUT_MS,
+    .struct_size = sizeof(struct ezp_filter_kind),
+    .name = "fault",
+    .description = "adds latency, jitter, loss, a bandwidth cap, freezes or a blackhole, "
+		   "per direction; set live by the API, Lua and `ezproxy fault`",
+    .flags = EZP_FILTER_DORMANT,
+    .params = fp_params,
+    .config_size = sizeof(struct fp_conf),
+    .create = fp_create,
+    .packet = fp_packet,
+    .session_event = fp_session_event,
+    .destroy = fp_destroy,
+    .hold_window = FP_HOLD_WINDOW,
+    .hold_timeout_ms = FP_HOLD_TIMEOUT_MS,
 };
 
 static const struct ezp_filter_kind *const fp_kinds[] = {&fp_kind, NULL};
@@ -533,5 +538,4 @@ static void fp_fini(void)
 EZP_PLUGIN_DEFINE(ezp_plugin, .name = "fault", .version = "0.1.0",
 		  .description = "network faults per pipeline, session and direction: latency, "
 				 "jitter, loss, bandwidth, freeze, blackhole",
-		  .license = "MIT", .fini = fp_fini, .filters = fp_kinds,
-		  .services = fp_services);
+		  .license = "MIT", .fini = fp_fini, .filters = fp_kinds, .services = fp_services);

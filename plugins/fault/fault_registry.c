@@ -26,7 +26,7 @@ uint64_t fp_mono_us(void)
 }
 
 static int fp_err(struct ezp_error *err, int code, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 
 static int fp_err(struct ezp_error *err, int code, const char *fmt, ...)
 {
@@ -77,8 +77,9 @@ int fp_faults_check(const struct ezp_faults *f, struct ezp_error *err)
 			return fp_err(err, EZP_ERR_INVAL, "%s.jitter_ms must be 0..%u, not %u",
 				      names[i], FP_MAX_JITTER_MS, d->jitter_ms);
 		if (!(d->loss >= 0 && d->loss <= 1)) /* NaN fails too */
-			return fp_err(err, EZP_ERR_INVAL, "%s.loss must be a number in 0..1, not %g",
-				      names[i], d->loss);
+			return fp_err(err, EZP_ERR_INVAL,
+				      "%s.loss must be a number in 0..1, not %g", names[i],
+				      d->loss);
 		if (d->bandwidth_bps > FP_MAX_BANDWIDTH)
 			return fp_err(err, EZP_ERR_INVAL,
 				      "%s.bandwidth_bps must be 0 (no cap) .. %llu, not %llu",
@@ -398,14 +399,16 @@ static void fp_pipe_expire(struct fp_pipe *p, uint64_t now)
 	int any = 0;
 
 	if (fp_set_expire(&p->set, now)) {
-		p->core->log(EZP_LOG_INFO, FP_SRC, "pipeline %s: the freeze ended after "
+		p->core->log(EZP_LOG_INFO, FP_SRC,
+			     "pipeline %s: the freeze ended after "
 			     "FreezeMaxMs (%u ms); held packets are released in order",
 			     p->name, p->set.f.freeze_max_ms);
 		any = 1;
 	}
 	for (s = p->sessions; s; s = s->next)
 		if (s->own && fp_set_expire(&s->set, now)) {
-			p->core->log(EZP_LOG_INFO, FP_SRC, "session %llu: the freeze ended after "
+			p->core->log(EZP_LOG_INFO, FP_SRC,
+				     "session %llu: the freeze ended after "
 				     "FreezeMaxMs (%u ms); held packets are released in order",
 				     (unsigned long long)s->id, s->set.f.freeze_max_ms);
 			any = 1;
@@ -434,11 +437,12 @@ static void fp_log_set(const struct ezp_core *core, const char *what, const stru
 		const struct ezp_fault_dir *d = &f->dir[i];
 		if (fp_dir_zero(d))
 			continue;
-		n += (size_t)snprintf(buf + n, sizeof(buf) - n,
-				      "%s%s: latency %u ms, jitter %u ms, loss %g, bandwidth %llu bps%s%s",
-				      n ? "; " : "", names[i], d->latency_ms, d->jitter_ms, d->loss,
-				      (unsigned long long)d->bandwidth_bps,
-				      d->freeze ? ", frozen" : "", d->blackhole ? ", blackhole" : "");
+		n += (size_t)snprintf(
+		    buf + n, sizeof(buf) - n,
+		    "%s%s: latency %u ms, jitter %u ms, loss %g, bandwidth %llu bps%s%s",
+		    n ? "; " : "", names[i], d->latency_ms, d->jitter_ms, d->loss,
+		    (unsigned long long)d->bandwidth_bps, d->freeze ? ", frozen" : "",
+		    d->blackhole ? ", blackhole" : "");
 	}
 	core->log(EZP_LOG_INFO, FP_SRC, "%s: faults %s%s", what, n ? "set: " : "cleared",
 		  n ? buf : "");
@@ -523,7 +527,8 @@ static int fp_no_sess(struct fp_daemon *d, uint64_t id, struct ezp_error *err)
 	memset(&sum, 0, sizeof(sum));
 	sum.struct_size = sizeof(sum);
 	if (!fp_may_ask(d)) /* a packet worker (Lua) does not wait for the core */
-		return fp_err(err, EZP_ERR_NOT_FOUND, "no session %llu with a fault stage (it "
+		return fp_err(err, EZP_ERR_NOT_FOUND,
+			      "no session %llu with a fault stage (it "
 			      "ended, never was, or its pipeline has no fault stage)",
 			      (unsigned long long)id);
 	if (d->control->session_get(d->ctx, id, &sum) != EZP_OK)
@@ -550,13 +555,17 @@ static int fp_if_session_set(void *fault, uint64_t id, const struct ezp_faults *
 		fp_set_store(&s->set, f);
 		snprintf(what, sizeof(what), "session %llu", (unsigned long long)id);
 		if (f && fp_faults_zero(f))
-			d->core->log(EZP_LOG_INFO, FP_SRC, "%s: own faults: none (its pipeline's do "
-				     "not apply to it)", what);
+			d->core->log(EZP_LOG_INFO, FP_SRC,
+				     "%s: own faults: none (its pipeline's do "
+				     "not apply to it)",
+				     what);
 		else if (f)
 			fp_log_set(d->core, what, &s->set.f);
 		else
-			d->core->log(EZP_LOG_INFO, FP_SRC, "%s: own faults cleared (the pipeline's "
-				     "apply)", what);
+			d->core->log(EZP_LOG_INFO, FP_SRC,
+				     "%s: own faults cleared (the pipeline's "
+				     "apply)",
+				     what);
 		fp_pipe_changed(s->pipe);
 	}
 	pthread_mutex_unlock(&fp_lock);
@@ -628,14 +637,14 @@ static const void *fp_svc_iface(void *state)
 }
 
 const struct ezp_service_kind fp_service = {
-	.struct_size = sizeof(struct ezp_service_kind),
-	.name = "fault",
-	.description = "faults set live (latency, jitter, loss, bandwidth, freeze, blackhole) "
-		       "for the API, Lua and the command line",
-	.start = fp_svc_start,
-	.stop = fp_svc_stop,
-	.iface_name = EZP_FAULT_IFACE,
-	.iface_version = EZP_FAULT_VERSION,
-	.iface = fp_svc_iface,
-	.flags = EZP_SERVICE_AUTOSTART,
+    .struct_size = sizeof(struct ezp_service_kind),
+    .name = "fault",
+    .description = "faults set live (latency, jitter, loss, bandwidth, freeze, blackhole) "
+		   "for the API, Lua and the command line",
+    .start = fp_svc_start,
+    .stop = fp_svc_stop,
+    .iface_name = EZP_FAULT_IFACE,
+    .iface_version = EZP_FAULT_VERSION,
+    .iface = fp_svc_iface,
+    .flags = EZP_SERVICE_AUTOSTART,
 };

@@ -28,7 +28,7 @@
 #define FAULTS_MAX_BANDWIDTH 100000000000ll
 
 static int faults_bad(struct body_err *e, const char *field, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 
 static int faults_bad(struct body_err *e, const char *field, const char *fmt, ...)
 {
@@ -60,10 +60,13 @@ static int faults_dir_parse(json_t *o, const char *dname, struct ezp_fault_dir *
 	uint64_t n;
 
 	if (!json_is_object(o))
-		return faults_bad(e, dname, "%s: must be an object with latency_ms, jitter_ms, loss, "
-				  "bandwidth_bps, freeze, blackhole", dname);
+		return faults_bad(e, dname,
+				  "%s: must be an object with latency_ms, jitter_ms, loss, "
+				  "bandwidth_bps, freeze, blackhole",
+				  dname);
 	memset(d, 0, sizeof(*d));
-	json_object_foreach(o, key, v) {
+	json_object_foreach(o, key, v)
+	{
 		snprintf(field, sizeof(field), "%s.%.40s", dname, key);
 		if (!strcmp(key, "latency_ms") || !strcmp(key, "jitter_ms")) {
 			if (faults_int(v, field, FAULTS_MAX_DELAY_MS, &n, e))
@@ -76,16 +79,20 @@ static int faults_dir_parse(json_t *o, const char *dname, struct ezp_fault_dir *
 		} else if (!strcmp(key, "loss")) {
 			double x = json_number_value(v);
 			if (!json_is_number(v) || !(x >= 0 && x <= 1))
-				return faults_bad(e, field, "%s: must be a number in 0..1 (the share "
-						  "of packets dropped)", field);
+				return faults_bad(e, field,
+						  "%s: must be a number in 0..1 (the share "
+						  "of packets dropped)",
+						  field);
 			d->loss = x;
 		} else if (!strcmp(key, "freeze") || !strcmp(key, "blackhole")) {
 			if (!json_is_boolean(v))
 				return faults_bad(e, field, "%s: must be true or false", field);
 			*(key[0] == 'f' ? &d->freeze : &d->blackhole) = json_is_true(v);
 		} else {
-			return faults_bad(e, field, "%s: unknown field (latency_ms, jitter_ms, loss, "
-					  "bandwidth_bps, freeze, blackhole)", field);
+			return faults_bad(e, field,
+					  "%s: unknown field (latency_ms, jitter_ms, loss, "
+					  "bandwidth_bps, freeze, blackhole)",
+					  field);
 		}
 	}
 	return 0;
@@ -105,7 +112,8 @@ static int faults_body_parse(json_t *o, struct ezp_faults *out, int *clear, stru
 
 	memset(&f, 0, sizeof(f));
 	f.struct_size = sizeof(f);
-	json_object_foreach(o, key, v) {
+	json_object_foreach(o, key, v)
+	{
 		if (!strcmp(key, "to_server") || !strcmp(key, "to_client")) {
 			if (faults_dir_parse(v, key, &f.dir[key[3] == 'c'], e))
 				return -1;
@@ -117,19 +125,23 @@ static int faults_body_parse(json_t *o, struct ezp_faults *out, int *clear, stru
 			has_both = 1;
 		} else if (!strcmp(key, "seed")) {
 			if (!json_is_integer(v) || json_integer_value(v) < 0)
-				return faults_bad(e, key, "seed: must be a whole number >= 0 (0: random)");
+				return faults_bad(e, key,
+						  "seed: must be a whole number >= 0 (0: random)");
 			f.seed = (uint64_t)json_integer_value(v);
 		} else if (!strcmp(key, "freeze_max_ms")) {
 			if (faults_int(v, key, FAULTS_MAX_FREEZE_MS, &n, e))
 				return -1;
 			f.freeze_max_ms = (uint32_t)n;
 		} else {
-			return faults_bad(e, key, "%.40s: unknown field (to_server, to_client, both, "
-					  "seed, freeze_max_ms)", key);
+			return faults_bad(e, key,
+					  "%.40s: unknown field (to_server, to_client, both, "
+					  "seed, freeze_max_ms)",
+					  key);
 		}
 	}
 	if (has_both && has_dir)
-		return faults_bad(e, "both", "both: give either both or to_server/to_client, "
+		return faults_bad(e, "both",
+				  "both: give either both or to_server/to_client, "
 				  "not the two together");
 	*clear = json_object_size(o) == 0;
 	*out = f;
@@ -148,7 +160,8 @@ static json_t *faults_json(const struct ezp_faults *f)
 {
 	return json_pack("{s:o, s:o, s:I, s:I}", "to_server", faults_dir_json(&f->dir[0]),
 			 "to_client", faults_dir_json(&f->dir[1]), "seed", (json_int_t)f->seed,
-			 "freeze_max_ms", (json_int_t)(f->freeze_max_ms ? f->freeze_max_ms : 10000));
+			 "freeze_max_ms",
+			 (json_int_t)(f->freeze_max_ms ? f->freeze_max_ms : 10000));
 }
 
 /* ---- the routes ---- */

@@ -22,7 +22,7 @@
 
 struct lf_faults_arg {
 	struct ezp_fault_dir d;
-	int to[2];                  /* the directions the values replace */
+	int to[2]; /* the directions the values replace */
 	int has_seed, has_freeze_max;
 	uint64_t seed;
 	uint32_t freeze_max_ms;
@@ -74,7 +74,8 @@ static int lf_faults_table(lua_State *L, int idx, struct lf_faults_arg *a, char 
 		const char *key = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
 		int rc = 0;
 		if (!key) {
-			snprintf(why, n, "ezp.set_faults: the table's keys are names (LatencyMs, ...)");
+			snprintf(why, n,
+				 "ezp.set_faults: the table's keys are names (LatencyMs, ...)");
 			rc = -1;
 		} else if (!strcmp(key, "LatencyMs") || !strcmp(key, "JitterMs")) {
 			rc = lf_faults_uint(L, key, 300000, &v, why, n);
@@ -91,7 +92,8 @@ static int lf_faults_table(lua_State *L, int idx, struct lf_faults_arg *a, char 
 		} else if (!strcmp(key, "Loss")) {
 			a->d.loss = lua_tonumber(L, -1);
 			if (lua_type(L, -1) != LUA_TNUMBER || !(a->d.loss >= 0 && a->d.loss <= 1)) {
-				snprintf(why, n, "ezp.set_faults: Loss must be a number in 0..1 (the "
+				snprintf(why, n,
+					 "ezp.set_faults: Loss must be a number in 0..1 (the "
 					 "share of packets dropped)");
 				rc = -1;
 			}
@@ -106,14 +108,17 @@ static int lf_faults_table(lua_State *L, int idx, struct lf_faults_arg *a, char 
 			a->to[0] = !strcmp(d, "both") || !strcmp(d, "to_server");
 			a->to[1] = !strcmp(d, "both") || !strcmp(d, "to_client");
 			if (!a->to[0] && !a->to[1]) {
-				snprintf(why, n, "ezp.set_faults: Direction must be \"both\", "
+				snprintf(why, n,
+					 "ezp.set_faults: Direction must be \"both\", "
 					 "\"to_server\" or \"to_client\"");
 				rc = -1;
 			}
 		} else {
-			snprintf(why, n, "ezp.set_faults: unknown key '%.40s' (LatencyMs, JitterMs, "
+			snprintf(why, n,
+				 "ezp.set_faults: unknown key '%.40s' (LatencyMs, JitterMs, "
 				 "Loss, BandwidthBps, Freeze, Blackhole, Seed, FreezeMaxMs, "
-				 "Direction)", key);
+				 "Direction)",
+				 key);
 			rc = -1;
 		}
 		lua_pop(L, 1);
@@ -163,7 +168,7 @@ int lf_ezp_set_faults(lua_State *L)
 	if (top < base || (lua_type(L, base) != LUA_TTABLE && lua_type(L, base) != LUA_TNIL &&
 			   !lua_isinteger(L, base)))
 		return luaL_error(L, "ezp.set_faults: give a table of faults, nil to clear, or a "
-				  "session id and one of those");
+				     "session id and one of those");
 	fi = lf_fault_iface(s);
 	if (!fi)
 		return luaL_error(L, "ezp.set_faults: the fault plugin is not loaded");
@@ -173,7 +178,8 @@ int lf_ezp_set_faults(lua_State *L)
 	if (lua_isinteger(L, base)) { /* a session */
 		uint64_t id = (uint64_t)lua_tointeger(L, base);
 		if (lua_type(L, base + 1) != LUA_TTABLE && lua_type(L, base + 1) != LUA_TNIL)
-			return luaL_error(L, "ezp.set_faults(id, faults): faults is a table, or nil "
+			return luaL_error(L,
+					  "ezp.set_faults(id, faults): faults is a table, or nil "
 					  "to clear the session's own");
 		clear = lua_type(L, base + 1) == LUA_TNIL;
 		if (!clear && lf_faults_table(L, base + 1, &a, why, sizeof(why)))
