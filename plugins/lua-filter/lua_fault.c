@@ -46,6 +46,23 @@ static const struct ezp_fault *lf_fault_iface(struct lf_script *s)
 	return fi;
 }
 
+/* Is a plugin named "fault" loaded (its service may not run yet)? */
+static int lf_fault_loaded(struct lf_script *s)
+{
+	const struct ezp_control *ctl = s->group->control;
+	struct ezp_plugin_info pi;
+
+	for (size_t i = 0; ctl; i++) {
+		memset(&pi, 0, sizeof(pi));
+		pi.struct_size = sizeof(pi);
+		if (ctl->plugin_at(s->core->ctx, i, &pi) != EZP_OK)
+			break;
+		if (pi.desc && pi.desc->name && !strcmp(pi.desc->name, "fault"))
+			return 1;
+	}
+	return 0;
+}
+
 /* A whole number in 0..@max at the top of @L's stack; 0 or a message in @why. */
 static int lf_faults_uint(lua_State *L, const char *key, uint64_t max, uint64_t *out, char *why,
 			  size_t n)
@@ -170,6 +187,9 @@ int lf_ezp_set_faults(lua_State *L)
 		return luaL_error(L, "ezp.set_faults: give a table of faults, nil to clear, or a "
 				     "session id and one of those");
 	fi = lf_fault_iface(s);
+	if (!fi && lf_fault_loaded(s))
+		return lf_faults_fail(L, "ezp.set_faults: the fault service is not running (the "
+					 "daemon is starting or stopping); try again");
 	if (!fi)
 		return luaL_error(L, "ezp.set_faults: the fault plugin is not loaded");
 	memset(&err, 0, sizeof(err));
