@@ -371,6 +371,23 @@ class FaultCase(unittest.TestCase):
         self.assertEqual(recv_exact(c.sock, 4, Deadline(5)), b'held')
         self.assertLess(time.monotonic() - t0, 0.3 + SLACK + 0.5, 'released at the clear')
 
+    def test_sessions_end_while_packets_are_held(self):
+        self.faults('t', {'both': {'latency_ms': 800}})
+        self.faults('u', {'both': {'latency_ms': 800, 'bandwidth_bps': 100000}})
+        for _ in range(5):
+            c = Tcp(self.d.port('t'))
+            c.sock.sendall(b'x' * 5000)
+            c.sock.close()  # the session ends with packets held in the fault stage
+        u = self.udp()
+        u.burst(100, pace=0)
+        sid = self.session_of(u, 'u')
+        st, _, raw, _ = self.d.request('DELETE', '/api/3/sessions/%d' % sid)
+        self.assertEqual(st, 204, raw)
+        self.d.wait_closes(5, pipeline='t', timeout=10)
+        self.faults('t', {})
+        self.faults('u', {})
+        self.assertLess(self.tcp().rtt(), SLACK, 'the daemon goes on')
+
     def test_session_override(self):
         a, b = self.tcp(), self.tcp()
         a.rtt(), b.rtt()
