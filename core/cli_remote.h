@@ -19,6 +19,7 @@
 
 int ezp__cli_watch(int argc, char **argv); /* cli_watch.c */
 int ezp__cli_key(int argc, char **argv);   /* cli_remote.c */
+int ezp__cli_fault(int argc, char **argv); /* cli_fault.c */
 
 /* ---- the client (cli_http.c, cli_ws.c) ---- */
 

@@ -13,22 +13,34 @@
 
 #include "config_priv.h"
 
-const char ezp__default_config[] = "Workers: auto\n"
-				   "Api:\n"
-				   "  Listen: 127.0.0.1:8080\n"
-				   "  Auth: true\n"
-				   "Logging:\n"
-				   "  Level: info\n"
-				   "  Format: text\n"
-				   "Pipelines:\n"
-				   "  - Name: default\n"
-				   "    From: { tcp: { Listen: 127.0.0.1:5554 } }\n"
-				   "    Through: [ { remote: {} } ]\n"
-				   "    To: { tcp: { Connect: 127.0.0.1:5555 } }\n"
-				   "  - Name: default-udp\n"
-				   "    From: { udp: { Listen: 127.0.0.1:5554 } }\n"
-				   "    Through: [ { remote: {} } ]\n"
-				   "    To: { udp: { Connect: 127.0.0.1:5555 } }\n";
+#define DEFAULT_CONFIG(THROUGH)                                                        \
+	"Workers: auto\n"                                                               \
+	"Api:\n"                                                                        \
+	"  Listen: 127.0.0.1:8080\n"                                                    \
+	"  Auth: true\n"                                                                \
+	"Logging:\n"                                                                    \
+	"  Level: info\n"                                                               \
+	"  Format: text\n"                                                              \
+	"Pipelines:\n"                                                                  \
+	"  - Name: default\n"                                                           \
+	"    From: { tcp: { Listen: 127.0.0.1:5554 } }\n"                               \
+	"    Through: [ " THROUGH " ]\n"                                                \
+	"    To: { tcp: { Connect: 127.0.0.1:5555 } }\n"                                \
+	"  - Name: default-udp\n"                                                       \
+	"    From: { udp: { Listen: 127.0.0.1:5554 } }\n"                               \
+	"    Through: [ " THROUGH " ]\n"                                                \
+	"    To: { udp: { Connect: 127.0.0.1:5555 } }\n"
+
+const char ezp__default_config[] = DEFAULT_CONFIG("{ remote: {} }");
+/* With a plugin providing the fault filter: a (dormant) fault stage after remote. */
+static const char default_config_fault[] = DEFAULT_CONFIG("{ remote: {} }, { fault: {} }");
+
+const char *ezp__default_config_for(const struct ezp__kind_lookup *lookup)
+{
+	if (lookup && lookup->filter && lookup->filter(lookup->arg, "fault"))
+		return default_config_fault;
+	return ezp__default_config;
+}
 
 /* ---- the new form ------------------------------------------------------------ */
 

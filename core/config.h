@@ -99,6 +99,8 @@ struct ezp__config {
 
 /* The built-in default config text (DESIGN.md section 5). */
 extern const char ezp__default_config[];
+/* The default for @lookup's plugins: with a `fault` stage when a plugin provides the kind. */
+const char *ezp__default_config_for(const struct ezp__kind_lookup *lookup);
 
 /*
  * ezp__config_parse - parse and validate YAML @text (from @file, for error

@@ -225,6 +225,8 @@ static int legacy_pipelines(struct ezp__pctx *c, struct ezp__config *cfg, const 
 	static const char *const listen_key[] = {"Listen"}, *const connect_key[] = {"Connect"};
 	static const char *const lua_keys[] = {"Script", "Mode"};
 	const char *lua_texts[] = {cfg->lua.path, cfg->lua.mode};
+	const struct ezp__kind_lookup *l = c->lookup;
+	int has_fault = l && l->filter && l->filter(l->arg, "fault");
 	size_t n;
 	int rc;
 
@@ -254,8 +256,12 @@ static int legacy_pipelines(struct ezp__pctx *c, struct ezp__config *cfg, const 
 					    column, &p->to)) ||
 		    (rc = fill_kv(c, &p->to, connect_key, &server, 1, "ServerAddress")))
 			return rc;
-		/* the old program filtered through its WebSocket: the `remote` slot, after Lua */
-		n = (cfg->lua.enabled ? 1 : 0) + (cfg->api.enabled ? 1 : 0);
+		/*
+		 * the old program filtered through its WebSocket: the `remote` slot, after Lua;
+		 * then a (dormant) `fault` stage when a plugin provides one, so the fault API
+		 * works on these pipelines too
+		 */
+		n = (cfg->lua.enabled ? 1 : 0) + (cfg->api.enabled ? 1 : 0) + (has_fault ? 1 : 0);
 		if (!n)
 			continue;
 		if (!(p->through = calloc(n, sizeof(*p->through))))
@@ -273,6 +279,14 @@ static int legacy_pipelines(struct ezp__pctx *c, struct ezp__config *cfg, const 
 			if ((rc = ezp__kind_resolve(c, "remote", EZP__ROLE_FILTER, "Api", line, column,
 						    kc)) ||
 			    (rc = fill_kv(c, kc, NULL, NULL, 0, "Api")))
+				return rc;
+			p->n_through++;
+		}
+		if (has_fault) {
+			struct ezp__kind_conf *kc = &p->through[p->n_through];
+			if ((rc = ezp__kind_resolve(c, "fault", EZP__ROLE_FILTER, "ProxyAddress", line,
+						    column, kc)) ||
+			    (rc = fill_kv(c, kc, NULL, NULL, 0, "ProxyAddress")))
 				return rc;
 			p->n_through++;
 		}

@@ -31,9 +31,10 @@ static int daemon_parse(struct ezp_core_ctx *d, const char *yaml, const char *fi
 	struct ezp__kind_lookup lookup;
 
 	ezp__registry_lookup(d, &lookup);
-	if (!yaml)
-		return ezp__config_parse(ezp__default_config, strlen(ezp__default_config), "<builtin>",
-					 &lookup, out, err);
+	if (!yaml) {
+		const char *def = ezp__default_config_for(&lookup);
+		return ezp__config_parse(def, strlen(def), "<builtin>", &lookup, out, err);
+	}
 	return ezp__config_parse(yaml, strlen(yaml), file ? file : "<string>", &lookup, out, err);
 }
 

@@ -1,6 +1,6 @@
 /*
  * main.c - the `ezproxy` command line: run, check, plugins, version, and the
- * remote commands watch and key (cli_watch.c, cli_remote.c; their HTTP and
+ * remote commands watch, key and fault (cli_watch.c, cli_remote.c, cli_fault.c; their HTTP and
  * WebSocket client: cli_http.c, cli_ws.c).
  * Thread: the main thread, which becomes the control thread of the daemon.
  */
@@ -24,12 +24,13 @@ static void usage(FILE *out)
 		"       ezproxy version\n"
 		"       ezproxy watch [--pipeline NAME] [--hex] [--max-bytes N] [REMOTE]\n"
 		"       ezproxy key create --perms LIST [--name NAME] [REMOTE]\n"
+		"       ezproxy fault set|clear|show PIPELINE [--session ID] [OPTIONS] [REMOTE]\n"
 		"\n"
 		"With no config file the built-in default runs: tcp and udp 127.0.0.1:5554 ->\n"
 		"127.0.0.1:5555. Plugins are found beside the binary, in $EZP_PLUGIN_PATH and in\n"
 		"the config's Plugins.Path.\n"
 		"\n"
-		"watch and key talk to a running daemon's API. REMOTE: --api http://HOST:PORT\n"
+		"watch, key and fault talk to a running daemon's API. REMOTE: --api http://HOST:PORT\n"
 		"(default: -c FILE's Api.Listen, else http://127.0.0.1:8080) and --key KEY\n"
 		"(default: $EZP_KEY, else StateDir/admin.key of -c FILE or the default StateDir).\n");
 }
@@ -290,6 +291,8 @@ int main(int argc, char **argv)
 		return ezp__cli_watch(argc - 1, argv + 1);
 	if (!strcmp(argv[1], "key"))
 		return ezp__cli_key(argc - 1, argv + 1);
+	if (!strcmp(argv[1], "fault"))
+		return ezp__cli_fault(argc - 1, argv + 1);
 	if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
 		printf("ezproxy %s (SDK ABI %d.%d)\n", EZP_VERSION, EZP_ABI_MAJOR, EZP_ABI_MINOR);
 		return 0;

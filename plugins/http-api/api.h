@@ -8,6 +8,7 @@
  *   routes_v3.c  the v3 REST routes (DESIGN.md section 8): status,
  *                plugins, pipelines, sessions
  *   routes_v3_config.c, routes_v3_keys.c  the v3 config and key routes
+ *   routes_v3_faults.c  the v3 fault routes (the fault plugin's ezp.fault)
  *   routes_old.c the old v1/v2 REST routes
  *   metrics.c    /metrics (Prometheus text) and the request counters
  *   ws.c         WebSocket upgrade and framing (wslay) on the service loop
@@ -43,6 +44,7 @@ struct api {
 	struct ezp_core_ctx *ctx;
 	const struct ezp_control *ctl;
 	const struct ezp_auth *auth;     /* NULL when Auth is off */
+	const struct ezp_fault *fault;   /* NULL when the fault plugin is not loaded */
 	struct ezp_worker *w;            /* the service loop */
 	struct MHD_Daemon *mhd;
 	struct ezp_watch *mhd_watch;
@@ -101,6 +103,7 @@ struct api_route {
 extern const struct api_route api_routes_v3[];
 extern const struct api_route api_routes_v3_config[];
 extern const struct api_route api_routes_v3_keys[];
+extern const struct api_route api_routes_v3_faults[]; /* routes_v3_faults.c */
 extern const struct api_route api_routes_old[];
 extern const struct api_route api_routes_misc[];   /* /metrics, /api/3/openapi.json, / */
 

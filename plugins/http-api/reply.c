@@ -49,7 +49,8 @@ void api_reply_raw(struct api_req *r, unsigned status, const char *content_type,
 void api_reply_json(struct api_req *r, unsigned status, json_t *body)
 {
 	char *text =
-	    body ? json_dumps(body, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY) : NULL;
+	    body ? json_dumps(body, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY |
+				 JSON_REAL_PRECISION(15)) : NULL;
 	struct MHD_Response *resp = NULL;
 	size_t n;
 

@@ -89,7 +89,7 @@ fail:
 static const struct api_route *const *req_tables(void)
 {
 	static const struct api_route *const tables[] = {api_routes_v3,	     api_routes_v3_config,
-							 api_routes_v3_keys, api_routes_old,
+							 api_routes_v3_keys, api_routes_v3_faults, api_routes_old,
 							 api_routes_misc,    NULL};
 	return tables;
 }

@@ -3,7 +3,8 @@
  * pipelines and sessions, in snake_case JSON; the config routes are in
  * routes_v3_config.c, the key routes in routes_v3_keys.c. The request
  * bodies are parsed in bodies.c; the WebSocket is ws.c's. Routes whose
- * plugin is not there yet (faults, capture) answer 501 `not_available`.
+ * plugin is not there yet (capture) answer 501 `not_available`; the fault
+ * routes are in routes_v3_faults.c.
  *
  * Thread: the service loop, except the work given to api_run_blocking()
  * (server and client swaps), which runs on a thread of its own.
@@ -499,11 +500,6 @@ static void v3_add_client(struct api_req *r)
 
 /* ---- not here yet, and the WebSocket ---- */
 
-static void v3_faults(struct api_req *r)
-{
-	api_error(r, MHD_HTTP_NOT_IMPLEMENTED, "not_available", "the fault plugin is not loaded");
-}
-
 static void v3_capture(struct api_req *r)
 {
 	api_error(r, MHD_HTTP_NOT_IMPLEMENTED, "not_available", "the capture plugin is not loaded");
@@ -524,8 +520,6 @@ const struct api_route api_routes_v3[] = {
     {"DELETE", "/api/3/pipelines/{name}", RC, 3, v3_pipeline_delete},
     {"POST", "/api/3/pipelines/{name}/restart", RC, 3, v3_pipeline_restart},
     {"POST", "/api/3/pipelines/{name}/inject", EZP_PERM_INJECT, 3, v3_pipeline_inject},
-    {"GET", "/api/3/pipelines/{name}/faults", CS, 3, v3_faults},
-    {"PUT", "/api/3/pipelines/{name}/faults", RC, 3, v3_faults},
     {"GET", "/api/3/sessions", CS, 3, v3_sessions},
     {"GET", "/api/3/sessions/{id}", CS, 3, v3_session_get},
     {"DELETE", "/api/3/sessions/{id}", EZP_PERM_CLOSE, 3, v3_session_close},
@@ -533,8 +527,6 @@ const struct api_route api_routes_v3[] = {
     {"PUT", "/api/3/sessions/{id}/server", RC, 3, v3_swap_server},
     {"PUT", "/api/3/sessions/{id}/client", RC, 3, v3_swap_client},
     {"POST", "/api/3/sessions/{id}/clients", RC, 3, v3_add_client},
-    {"GET", "/api/3/sessions/{id}/faults", CS, 3, v3_faults},
-    {"PUT", "/api/3/sessions/{id}/faults", RC, 3, v3_faults},
     {"GET", "/api/3/capture", EZP_PERM_CAPTURE, 3, v3_capture},
     {"GET", "/api/3/socket", EZP_PERM_USE_WEBSOCKET, 3, v3_socket},
     {NULL, NULL, 0, 0, NULL},

@@ -405,6 +405,7 @@ static int srv_start(const struct ezp_core *core, const void *config, void **sta
 	s->api.ctx = core->ctx;
 	s->api.ctl = ctl;
 	s->api.auth = conf->auth ? auth : NULL;
+	s->api.fault = core->find_service(core->ctx, EZP_FAULT_IFACE, EZP_FAULT_VERSION);
 	s->api.w = ctl->service_worker(core->ctx);
 	s->api.started_us = core->now_us();
 	s->api.listen = srv_strdup(conf->listen);

@@ -42,6 +42,8 @@ struct lf_group *lf_group_get(const struct ezp_core *core, const char *pipeline,
 		g->refs = 1;
 		g->core = core;
 		g->control = core->find_service(core->ctx, EZP_CONTROL_IFACE, EZP_CONTROL_VERSION);
+		atomic_init(&g->fault, core->find_service(core->ctx, EZP_FAULT_IFACE,
+							  EZP_FAULT_VERSION));
 		pthread_mutex_init(&g->lock, NULL);
 		g->next = lf_groups;
 		lf_groups = g;
@@ -178,7 +180,7 @@ void lf_groups_clear_scope(const void *scope)
  * The groups @s speaks for, each ref'd, in *out (malloc'd; release with
  * lf_scope_put): its own, and in main mode every group sharing its runner.
  */
-static size_t lf_scope(struct lf_script *s, struct lf_group ***out)
+size_t lf_scope(struct lf_script *s, struct lf_group ***out)
 {
 	struct lf_group *g, **v;
 	size_t n = 0, cap = 0;
@@ -197,7 +199,7 @@ static size_t lf_scope(struct lf_script *s, struct lf_group ***out)
 	return n;
 }
 
-static void lf_scope_put(struct lf_group **v, size_t n)
+void lf_scope_put(struct lf_group **v, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
 		lf_group_put(v[i]);
@@ -498,11 +500,6 @@ static int lf_ezp_set_server(lua_State *L)
 	}
 	lua_pushboolean(L, lf_control_swap_server(s->group, (uint64_t)id, addr) == EZP_OK);
 	return 1;
-}
-
-static int lf_ezp_set_faults(lua_State *L)
-{
-	return luaL_error(L, "ezp.set_faults: the fault plugin is not loaded");
 }
 
 /* ---- session objects ---- */

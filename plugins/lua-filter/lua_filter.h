@@ -59,6 +59,8 @@ struct lf_group {
 	int refs;                 /* instances + queued jobs (lf_groups_lock) */
 	const struct ezp_core *core;
 	const struct ezp_control *control; /* NULL when the core has none */
+	/* the fault plugin's interface: found at creation, or at first use (lua_fault.c) */
+	_Atomic(const struct ezp_fault *) fault;
 	pthread_mutex_t lock;
 	struct lf_entry *entries;
 	atomic_uint_fast64_t bytes_total;
@@ -86,6 +88,16 @@ void lf_entry_unref(struct lf_entry *e);
  */
 void lf_group_set_scope(struct lf_group *g, const void *scope);
 void lf_groups_clear_scope(const void *scope);
+struct lf_script;
+/*
+ * The groups @s speaks for, each ref'd, in *out (malloc'd; release with
+ * lf_scope_put): its own, and in main mode every group sharing its runner.
+ */
+size_t lf_scope(struct lf_script *s, struct lf_group ***out);
+void lf_scope_put(struct lf_group **v, size_t n);
+
+/* ---- ezp.set_faults (lua_fault.c) ---- */
+int lf_ezp_set_faults(lua_State *L);
 
 /* ---- one loaded script (lua_sandbox.c) ---- */
 

@@ -266,11 +266,19 @@ class V3Shared(ApiCase):
         self.assertError(self.d.get('/api/3/pipelines/nope'), 404, 'pipeline_not_found')
 
     def test_not_available(self):
-        for m, path in (('GET', '/api/3/pipelines/echo/faults'),
-                        ('PUT', '/api/3/pipelines/echo/faults'),
-                        ('GET', '/api/3/sessions/1/faults'), ('PUT', '/api/3/sessions/1/faults'),
-                        ('GET', '/api/3/capture')):
+        for m, path in (('GET', '/api/3/capture'),):
             self.assertError(self.d.request(m, path), 501, 'not_available')
+
+    def test_faults_need_a_fault_stage(self):
+        # the fault plugin is loaded (not 501), but `echo` has no fault stage: 404 saying so
+        for m in ('GET', 'PUT'):
+            e = self.assertError(self.d.request(m, '/api/3/pipelines/echo/faults', body={}),
+                                 404, 'fault_stage_not_found')
+            self.assertIn('no fault stage', e['message'])
+            self.assertError(self.d.request(m, '/api/3/pipelines/nope/faults', body={}), 404,
+                             'pipeline_not_found')
+            self.assertError(self.d.request(m, '/api/3/sessions/999999/faults', body={}), 404,
+                             'session_not_found')
 
     # -- sessions --
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -808,6 +809,88 @@ class T05WatchProtocol(Base):
                 p.kill()
                 p.wait(5)
         self.assertEqual(p.returncode, 0, err)
+
+
+class T06FaultDaemon(Base):
+    """`ezproxy fault set|clear|show` against a real daemon (the fault plugin's routes)."""
+
+    def test_fault_set_show_clear(self):
+        e = self.echo()
+        cfg = pipelines(tcp_pipe('web', e.port).replace(
+            '    To:', '    Through: [{fault: {}}]\n    To:'), tcp_pipe('plain', e.port))
+        d = self.api_daemon(cfg)
+        api = ['--api', 'http://127.0.0.1:%d' % d.api_port, '--key', d.admin_key]
+        rc, out, err = run_cli(['fault', 'set', 'web', '--direction', 'to_server',
+                                '--latency', '150', '--jitter', '10', '--seed', '7'] + api,
+                               self.env)
+        self.assertEqual(rc, 0, err)
+        self.assertIn('to_server latency 150 ms, jitter 10 ms', out)
+        self.assertIn('to_client none', out)
+        # one direction: the other keeps its values
+        rc, out, err = run_cli(['fault', 'set', 'web', '--direction', 'to_client', '--loss',
+                                '0.25', '--freeze-max', '3000'] + api, self.env)
+        self.assertEqual(rc, 0, err)
+        st, js, raw, _ = d.get('/api/3/pipelines/web/faults')
+        self.assertEqual((js['to_server']['latency_ms'], js['to_server']['jitter_ms']), (150, 10))
+        self.assertEqual((js['to_client']['loss'], js['seed'], js['freeze_max_ms']),
+                         (0.25, 7, 3000))
+        # it really delays: a round trip through the pipeline takes >= 150 ms
+        with socket.create_connection((HOST, d.port('web')), timeout=5) as s:
+            t0 = time.monotonic()
+            s.sendall(b'x')
+            s.settimeout(5)
+            self.assertEqual(s.recv(1), b'x')
+            self.assertGreaterEqual(time.monotonic() - t0, 0.149)
+            sid = [x['id'] for x in d.get('/api/3/sessions?pipeline=web')[1]['sessions']][0]
+            rc, out, err = run_cli(['fault', 'set', 'web', '--session', str(sid),
+                                    '--blackhole'] + api, self.env)
+            self.assertEqual(rc, 0, err)
+            self.assertIn('session %d of pipeline web: its own faults' % sid, out)
+            rc, out, err = run_cli(['fault', 'show', 'web', '--session', str(sid), '--json']
+                                   + api, self.env)
+            self.assertEqual(rc, 0, err)
+            self.assertEqual(json.loads(out)['own'], True)
+            rc, out, err = run_cli(['fault', 'show', 'plain', '--session', str(sid)] + api,
+                                   self.env)
+            self.assertEqual(rc, 1)
+            self.assertIn("belongs to pipeline 'web', not 'plain'", err)
+            rc, out, err = run_cli(['fault', 'clear', 'web', '--session', str(sid)] + api,
+                                   self.env)
+            self.assertEqual(rc, 0, err)
+            self.assertIn("its pipeline's faults", out)
+        rc, out, err = run_cli(['fault', 'clear', 'web'] + api, self.env)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out.count(' none'), 2)
+        rc, out, err = run_cli(['fault', 'show', 'web', '--json'] + api, self.env)
+        self.assertEqual(json.loads(out)['to_server']['latency_ms'], 0)
+
+    def test_fault_errors_and_exit_codes(self):
+        d = self.api_daemon(pipelines(tcp_pipe('plain', 9)))
+        api = ['--api', 'http://127.0.0.1:%d' % d.api_port, '--key', d.admin_key]
+        for args, code, says in (
+                (['fault'], 2, 'fault set|clear|show'),
+                (['fault', 'set'], 2, 'needs a PIPELINE'),
+                (['fault', 'set', 'plain', '--loss', '2'], 2, '--loss must be a number in 0..1'),
+                (['fault', 'set', 'plain', '--latency', 'x'], 2, '--latency must be'),
+                (['fault', 'set', 'plain', '--direction', 'up'], 2, '--direction must be'),
+                (['fault', 'clear', 'plain', '--latency', '5'], 2, 'takes no fault values'),
+                (['fault', 'show', 'plain', '--session', 'abc'], 2, '--session takes'),
+                (['fault', 'show', 'plain'], 1, 'no fault stage'),
+                (['fault', 'show', 'nope'], 1, "no pipeline named 'nope'"),
+                (['fault', 'show', 'plain', '--session', '424242'], 1, 'no session 424242')):
+            with self.subTest(args=args):
+                rc, out, err = run_cli(args + (api if len(args) > 2 else []), self.env)
+                self.assertEqual(rc, code, err)
+                self.assertIn(says, err)
+        ro = d.make_key(['CheckStatus'], name='ro')
+        rc, out, err = run_cli(['fault', 'clear', 'plain', '--api',
+                                'http://127.0.0.1:%d' % d.api_port, '--key', ro], self.env)
+        self.assertEqual(rc, 1)
+        self.assertIn('403', err)
+        rc, out, err = run_cli(['fault', 'show', 'plain', '--api', 'http://127.0.0.1:1'],
+                               self.env)
+        self.assertEqual(rc, 1)
+        self.assertIn('cannot reach', err)
 
 
 if __name__ == '__main__':

@@ -441,8 +441,8 @@ API = script('''
         local ok, err = pcall(ezp.set_server, tonumber(id), addr)
         say("T:SWAP ok=%s err=%s", tostring(ok), tostring(err))
       elseif cmd == "faults" then
-        local ok, err = pcall(ezp.set_faults, {LatencyMs = 10})
-        say("T:FAULTS ok=%s err=%s", tostring(ok), tostring(err))
+        local ok, r, why = pcall(ezp.set_faults, {LatencyMs = 10})
+        say("T:FAULTS ok=%s r=%s why=%s", tostring(ok), tostring(r), tostring(why))
       elseif cmd == "levels" then
         say("T:CONST %d %d %d %d", LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR)
         log(LEVEL_DEBUG, "T:LDEBUG")
@@ -557,10 +557,10 @@ class T02OldApi(LuaCase):
         self.wait(d, r'T:BADLEVEL ok=\w+')
         self.wait(d, r'T:BADSLEEP ok=\w+')
 
-        # set_faults: a clear error until the fault plugin exists
-        m = cmd('faults', r'T:FAULTS ok=(\w+) err=(.*)$')
-        self.assertEqual(m.group(1), 'false')
-        self.assertIn('the fault plugin is not loaded', m.group(2))
+        # set_faults on a pipeline without a fault stage: nil and a reason saying so
+        m = cmd('faults', r'T:FAULTS ok=(\w+) r=(\w+) why=(.*)$')
+        self.assertEqual((m.group(1), m.group(2)), ('true', 'nil'))
+        self.assertIn('no fault stage', m.group(3))
 
         # set_server: b's server leg moves to echo2; b stays connected
         active = echo.active
@@ -1802,6 +1802,77 @@ class T11MainReload(LuaCase):
         t0 = time.monotonic()
         self.assertEqual(d.stop(), 0)
         self.assertLess(time.monotonic() - t0, 5, 'a busy EzpMain delayed the shutdown')
+
+
+FAULTS = script('''
+    local function say(what, ok, why)
+      log(LEVEL_INFO, string.format("T:%s ok=%s why=%s", what, tostring(ok), tostring(why)))
+    end
+    function EzpFilter(ezp, pkt)
+      if not pkt.serverbound then return true end
+      local cmd, arg = pkt.data:match("^(%a+):?(%d*)")
+      if cmd == "lag" then
+        say("LAG", ezp.set_faults{LatencyMs = tonumber(arg), Direction = "to_client"})
+      elseif cmd == "own" then
+        say("OWN", ezp.set_faults(pkt.proxy_id, {LatencyMs = tonumber(arg)}))
+      elseif cmd == "owned" then
+        say("OWNED", ezp:set_faults(pkt.proxy_id, nil))
+      elseif cmd == "bad" then
+        say("BAD", ezp.set_faults{Loss = 2})
+        say("TYPO", ezp.set_faults{LatencyMS = 5})
+        say("DIR", ezp.set_faults{Direction = "up"})
+        say("NOSESS", ezp.set_faults(987654, {Blackhole = true}))
+        local ok, err = pcall(ezp.set_faults, "x")
+        say("ARG", ok, err)
+      elseif cmd == "clear" then
+        say("CLEAR", ezp.set_faults(nil))
+      end
+      return true
+    end
+''')
+
+
+class T12SetFaults(LuaCase):
+    """ezp.set_faults with a fault stage after the lua one (the fault plugin)."""
+
+    def test_set_faults(self):
+        echo = self.servers()
+        d = self.lua_daemon(config(pipe('f', 'tcp', echo.port,
+                                        [lua_item('faults.lua'), '{fault: {}}'])),
+                            {'faults.lua': FAULTS}, api=True)
+        c = self.client(d.port('f'))
+
+        def rtt(data):
+            t0 = time.monotonic()
+            self.assertEqual(c.rt(data), data)
+            return time.monotonic() - t0
+
+        self.assertLess(rtt(b'hello'), 0.3)
+        # the command's own echo is already delayed: the fault stage comes after lua
+        self.assertGreaterEqual(rtt(b'lag:200'), 0.19)
+        self.wait(d, r'T:LAG ok=true why=nil')
+        self.assertGreaterEqual(rtt(b'x'), 0.19)
+        st, js, raw, _ = d.get('/api/3/pipelines/f/faults')
+        self.assertEqual((js['to_server']['latency_ms'], js['to_client']['latency_ms']), (0, 200))
+        # a session's own faults replace the pipeline's for it
+        self.assertLess(rtt(b'own:0'), 0.19 + 0.4)
+        self.wait(d, r'T:OWN ok=true')
+        self.assertLess(rtt(b'y'), 0.15)
+        rtt(b'owned')
+        self.wait(d, r'T:OWNED ok=true')
+        self.assertGreaterEqual(rtt(b'z'), 0.19)
+        rtt(b'bad')
+        self.assertIn('Loss must be a number in 0..1', self.wait(d, r'T:BAD ok=nil why=(.*)$')
+                      .group(1))
+        self.assertIn("unknown key 'LatencyMS'", self.wait(d, r'T:TYPO ok=nil why=(.*)$')
+                      .group(1))
+        self.assertIn('Direction must be', self.wait(d, r'T:DIR ok=nil why=(.*)$').group(1))
+        self.assertIn('no session 987654', self.wait(d, r'T:NOSESS ok=nil why=(.*)$').group(1))
+        self.assertIn('give a table of faults', self.wait(d, r'T:ARG ok=false why=(.*)$')
+                      .group(1))
+        rtt(b'clear')
+        self.wait(d, r'T:CLEAR ok=true')
+        self.assertLess(rtt(b'fast'), 0.15)
 
 
 if __name__ == '__main__':

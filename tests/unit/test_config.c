@@ -126,7 +126,7 @@ static const struct ezp_filter_kind count_kind = {/* no parameters at all */
 						  .name = "count"};
 
 struct fake {
-	int no_lua, no_tcp;
+	int no_lua, no_tcp, no_fault;
 	int paths_calls, lookups, lookups_before_paths;
 	size_t n_paths;
 	char paths[4][64];
@@ -163,7 +163,7 @@ static const struct ezp_filter_kind *fake_filter(void *arg, const char *name)
 	f->lookups++;
 	if (!f->paths_calls)
 		f->lookups_before_paths++;
-	if (!strcmp(name, "fault"))
+	if (!strcmp(name, "fault") && !f->no_fault)
 		return &fault_kind;
 	if (!strcmp(name, "lua") && !f->no_lua)
 		return &lua_kind;
@@ -518,6 +518,21 @@ static void test_builtin_default(void **state)
 	    fmt_addr(&((const struct udp_connect *)cfg->pipelines[1].to.config)->connect),
 	    "127.0.0.1:5555");
 	round_trip(cfg);
+	ezp__config_free(cfg);
+
+	/* with a plugin providing the fault kind the default has a fault stage after remote */
+	cfg = parse_ok(ezp__default_config_for(&lk));
+	for (int k = 0; k < 2; k++) {
+		assert_int_equal(cfg->pipelines[k].n_through, 2);
+		assert_ptr_equal(cfg->pipelines[k].through[0].filter, &remote_kind);
+		assert_ptr_equal(cfg->pipelines[k].through[1].filter, &fault_kind);
+	}
+	round_trip(cfg);
+	ezp__config_free(cfg);
+	fk.no_fault = 1;
+	assert_ptr_equal(ezp__default_config_for(&lk), ezp__default_config);
+	fk.no_fault = 0;
+	cfg = parse_ok(ezp__default_config);
 	ezp__config_free(cfg);
 }
 
@@ -936,8 +951,10 @@ static void test_legacy(void **state)
 	assert_string_equal(fmt_addr(&((const struct tcp_connect *)p->to.config)->connect),
 			    "127.0.0.1:5555");
 	/* Api.Enable: the old program filtered through its WebSocket: the `remote` slot */
-	assert_int_equal(p->n_through, 1);
+	assert_int_equal(p->n_through, 2);
 	assert_ptr_equal(p->through[0].filter, &remote_kind);
+	/* and a (dormant) fault stage, as a plugin provides the kind */
+	assert_ptr_equal(p->through[1].filter, &fault_kind);
 	assert_int_equal(p->line, 1);
 	assert_int_equal(p->limits.max_sessions, 10000);
 	p = &cfg->pipelines[1];
@@ -967,6 +984,12 @@ static void test_legacy(void **state)
 	assert_int_equal(cfg->legacy, 1);
 	assert_int_equal(cfg->n_pipelines, 2);
 	ezp__config_free(cfg);
+	fk.no_fault = 1; /* no plugin provides `fault`: only the remote slot */
+	cfg = parse_ok(old_yaml);
+	assert_int_equal(cfg->pipelines[0].n_through, 1);
+	assert_ptr_equal(cfg->pipelines[0].through[0].filter, &remote_kind);
+	ezp__config_free(cfg);
+	fk.no_fault = 0;
 	cfg = parse_ok("Api: { Enable: false, Listen: ':1' }\n");
 	assert_int_equal(cfg->legacy, 0);
 	assert_int_equal(cfg->n_pipelines, 0);
@@ -989,7 +1012,8 @@ static void test_legacy_lua(void **state)
 	assert_string_equal(cfg->lua.mode, "main");
 	assert_int_equal(cfg->n_pipelines, 2);
 	for (int i = 0; i < 2; i++) {
-		assert_int_equal(cfg->pipelines[i].n_through, 1);
+		assert_int_equal(cfg->pipelines[i].n_through, 2); /* lua, then fault */
+		assert_ptr_equal(cfg->pipelines[i].through[1].filter, &fault_kind);
 		assert_ptr_equal(cfg->pipelines[i].through[0].filter, &lua_kind);
 		lc = cfg->pipelines[i].through[0].config;
 		assert_string_equal(lc->script, "scripts/main.lua");
