@@ -7,7 +7,7 @@
  * A live stream is a tap delivered on the core's service loop; its encoder
  * (capenc.c) runs there and hands each block to the stream's write
  * callback. A stream of one session ends after that session closes; every
- * stream writes a statistics block after 2 s without traffic, so a reader
+ * stream writes a statistics block after 1 s without traffic, so a reader
  * that went away is noticed.
  *
  * Threads: filter create on the control thread, session_event on the
@@ -25,7 +25,7 @@
 
 #include "capture.h"
 
-#define CAP_KEEPALIVE_MS 2000
+#define CAP_KEEPALIVE_MS 1000
 
 /* ---- the filter kind ---- */
 
