@@ -203,7 +203,7 @@ class V3Shared(ApiCase):
         ('GET', '/api/3/config', None, 'Reconfigure'),
         ('PUT', '/api/3/config', {}, 'Reconfigure'),
         ('POST', '/api/3/config/reload', None, 'Reconfigure'),
-        ('GET', '/api/3/capture', None, 'Capture'),
+        ('GET', '/api/3/capture?pipeline=nope', None, 'Capture'),  # 404: no endless stream
         ('GET', '/api/3/keys', None, 'MakeKeys'),
         ('POST', '/api/3/keys', {}, 'MakeKeys'),
         ('DELETE', '/api/3/keys/0123456789abcdef', None, 'MakeKeys'),
@@ -268,8 +268,7 @@ class V3Shared(ApiCase):
     def test_not_available(self):
         for m, path in (('GET', '/api/3/pipelines/echo/faults'),
                         ('PUT', '/api/3/pipelines/echo/faults'),
-                        ('GET', '/api/3/sessions/1/faults'), ('PUT', '/api/3/sessions/1/faults'),
-                        ('GET', '/api/3/capture')):
+                        ('GET', '/api/3/sessions/1/faults'), ('PUT', '/api/3/sessions/1/faults')):
             self.assertError(self.d.request(m, path), 501, 'not_available')
 
     # -- sessions --
