@@ -291,7 +291,7 @@ static struct enc_flow *flow_get(struct cap_enc *e, struct enc_sess *s,
 	f->c = c;
 	f->s = sv;
 	/* initial sequence numbers: fixed per session (and flow), not secret */
-	isn = (uint32_t)((s->id + 1) * 0x9E3779B1u) ^ (uint32_t)(c.port << 16 | sv.port);
+	isn = (uint32_t)((s->id + 1) * 0x9E3779B1u) ^ ((uint32_t)c.port << 16 | sv.port);
 	f->next_c = isn + 1;
 	f->next_s = (isn ^ 0x5bd1e995u) + 1;
 	f->ip_id = (uint16_t)(s->id * 7);
