@@ -143,6 +143,7 @@ int ezp_daemon_start(struct ezp_daemon *dd, struct ezp_error *err)
 		if (rc != EZP_OK)
 			goto fail;
 	}
+	ezp__taps_start(d); /* before any worker runs: no session starts untapped */
 	for (unsigned i = 0; i < d->n_workers; i++) {
 		rc = ezp__worker_start(d->workers[i]);
 		if (rc != EZP_OK) {
@@ -152,7 +153,6 @@ int ezp_daemon_start(struct ezp_daemon *dd, struct ezp_error *err)
 	}
 	d->started = true;
 	d->started_us = ezp__now_us();
-	ezp__taps_start(d);
 	rc = ezp__services_start(d, err);
 	if (rc != EZP_OK) {
 		d->started = false;

@@ -281,10 +281,14 @@ static void taps_refresh_deferred(void *arg)
 	taps_refresh(arg, NULL);
 }
 
-/* Thread: control, once the workers run: taps subscribed before start. */
+/*
+ * Thread: control, before the workers start: taps subscribed before start
+ * see the first session too (the workers have no session and run nothing yet).
+ */
 void ezp__taps_start(struct ezp_core_ctx *d)
 {
-	ezp__workers_each(d, taps_refresh, NULL);
+	for (unsigned i = 0; i < d->n_workers; i++)
+		taps_refresh(d->workers[i], NULL);
 }
 
 /* Every worker rebuilds its view: waits when called off the workers. */

@@ -9,6 +9,7 @@
  *                plugins, pipelines, sessions
  *   routes_v3_config.c, routes_v3_keys.c  the v3 config and key routes
  *   routes_v3_faults.c  the v3 fault routes (the fault plugin's ezp.fault)
+ *   routes_v3_capture.c  GET /api/3/capture: live pcapng streams
  *   routes_old.c the old v1/v2 REST routes
  *   metrics.c    /metrics (Prometheus text) and the request counters
  *   ws.c         WebSocket upgrade and framing (wslay) on the service loop
@@ -36,6 +37,7 @@
 #define API_MAX_PARAMS 4
 
 struct ws_conn;
+struct api_capture;
 struct api_metrics;
 struct body_err;
 
@@ -56,6 +58,8 @@ struct api {
 	struct api_metrics *metrics;
 	struct ws_conn *ws_list;         /* open WebSockets (ws.c) */
 	bool stopping;
+	const struct ezp_capture *capture; /* the capture plugin's ezp.capture, or NULL */
+	struct api_capture *captures;    /* live capture streams (routes_v3_capture.c) */
 };
 
 /* One HTTP request being answered. */
@@ -134,6 +138,13 @@ json_t *api_body_object(struct api_req *r);
  */
 void api_run_blocking(struct api_req *r, void (*work)(struct api_req *r));
 
+/*
+ * (server.c) Run libmicrohttpd soon, from the loop (after MHD_resume_connection
+ * outside a libmicrohttpd callback, which it would otherwise notice only at
+ * its next event).
+ */
+void api_wake(struct api *api);
+
 /* ---- replies (reply.c). Each sets r->resp / r->status once. Thread: any. ---- */
 
 /* (transfer full) @body. */
@@ -174,6 +185,13 @@ void ws_upgrade(struct api_req *r, int proto);
 void ws_close_key(struct api *api, const char *key_id);
 /* Close all (plugin stop). */
 void ws_close_all(struct api *api);
+
+/* ---- live captures (routes_v3_capture.c) ---- */
+
+/* GET /api/3/capture: a pcapng stream from the capture plugin (501 without it). */
+void api_v3_capture(struct api_req *r);
+/* End every live capture stream (plugin stop). */
+void api_capture_close_all(struct api *api);
 
 /* ---- metrics (metrics.c) ---- */
 

@@ -502,7 +502,7 @@ static void v3_add_client(struct api_req *r)
 
 static void v3_capture(struct api_req *r)
 {
-	api_error(r, MHD_HTTP_NOT_IMPLEMENTED, "not_available", "the capture plugin is not loaded");
+	api_v3_capture(r); /* routes_v3_capture.c */
 }
 
 static void v3_socket(struct api_req *r)

@@ -49,6 +49,7 @@ struct srv {
 	bool closing;	     /* stop() has begun (lock) */
 	int epoll_fd;
 	bool setup_ok, subscribed;
+	bool wake_queued; /* an api_wake() run is queued on the loop */
 };
 
 static struct srv *srv_of(struct api *api)
@@ -74,6 +75,24 @@ static void srv_run(struct srv *s)
 static void srv_on_timer(void *arg)
 {
 	srv_run(arg);
+}
+
+static void srv_wake_run(void *arg)
+{
+	struct srv *s = arg;
+
+	s->wake_queued = false;
+	srv_run(s);
+}
+
+void api_wake(struct api *api)
+{
+	struct srv *s = srv_of(api);
+
+	if (api->stopping) /* teardown runs libmicrohttpd itself; nothing may be queued after it */
+		return;
+	if (!s->wake_queued && api->core->defer(api->w, srv_wake_run, s) == EZP_OK)
+		s->wake_queued = true;
 }
 
 static void srv_on_ready(int fd, unsigned events, void *arg)
@@ -158,6 +177,8 @@ static void srv_teardown(struct srv *s)
 	api->stopping = true;
 	if (api->mhd)
 		ws_close_all(api);
+	if (api->mhd)
+		api_capture_close_all(api);
 	if (s->subscribed)
 		api->auth->unsubscribe(api->auth->auth, srv_key_revoked, api);
 	s->subscribed = false;
@@ -407,6 +428,7 @@ static int srv_start(const struct ezp_core *core, const void *config, void **sta
 	s->api.auth = conf->auth ? auth : NULL;
 	s->api.fault = core->find_service(core->ctx, EZP_FAULT_IFACE, EZP_FAULT_VERSION);
 	s->api.w = ctl->service_worker(core->ctx);
+	s->api.capture = core->find_service(core->ctx, EZP_CAPTURE_IFACE, EZP_CAPTURE_VERSION);
 	s->api.started_us = core->now_us();
 	s->api.listen = srv_strdup(conf->listen);
 	s->api.origin = srv_strdup(conf->origin);

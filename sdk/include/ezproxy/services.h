@@ -334,6 +334,9 @@ struct ezp_capture_stream;
  * first, then one call per block. Return 0 to go on, nonzero to stop (the
  * stream then ends as by stream_close, from inside this call). Thread: the
  * service loop. @data is borrowed for the call.
+ * A call with @data NULL and @len 0 says the stream ended by itself (its
+ * session closed, the capture service is stopping): it is then over as by
+ * stream_close, and the stream must not be used again.
  */
 typedef int (*ezp_capture_write_fn)(void *userdata, const void *data, size_t len);
 
