@@ -99,4 +99,13 @@ json_t *body_status_json(const struct ezp_status_info *st);
 json_t *body_pipeline_json(const struct ezp_pipeline_stats *p);
 json_t *body_key_json(const struct ezp_key_info *k);
 
+/*
+ * PUT .../faults: {"to_server": {...}, "to_client": {...} | "both": {...},
+ * "seed", "freeze_max_ms"} (bodies_faults.c). A direction left out has no
+ * faults; *@clear is set for {}.
+ */
+int body_faults_parse(json_t *o, struct ezp_faults *out, int *clear, struct body_err *e);
+/* The same shape for answers, both directions always present. */
+json_t *body_faults_json(const struct ezp_faults *f);
+
 #endif

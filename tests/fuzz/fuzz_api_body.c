@@ -7,7 +7,7 @@
  * bytes must not read out of bounds.
  * Build: clang -g -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Isdk/include \
  *          plugins/http-api/bodies.c plugins/http-api/bodies_old.c \
- *          plugins/http-api/yamljson.c plugins/http-api/b64.c \
+ *          plugins/http-api/bodies_faults.c plugins/http-api/yamljson.c plugins/http-api/b64.c \
  *          tests/fuzz/fuzz_api_body.c -lyaml -ljansson -lcrypto
  * Thread: libFuzzer's.
  */
@@ -77,6 +77,26 @@ static void every_string(json_t *v, int depth)
 	}
 }
 
+/* A faults body that parses means the same after its JSON shape is parsed again. */
+static void faults_roundtrip(json_t *o)
+{
+	struct ezp_faults f, g;
+	struct body_err e;
+	json_t *shape;
+	int clear;
+
+	if (body_faults_parse(o, &f, &clear, &e) != 0)
+		return;
+	for (int d = 0; d < 2; d++)
+		check(f.dir[d].loss >= 0 && f.dir[d].loss <= 1);
+	shape = body_faults_json(&f);
+	check(shape && body_faults_parse(shape, &g, &clear, &e) == 0);
+	for (int d = 0; d < 2; d++)
+		check(memcmp(&f.dir[d], &g.dir[d], sizeof(f.dir[d])) == 0);
+	check(g.seed == f.seed);
+	json_decref(shape);
+}
+
 static void bodies(json_t *o)
 {
 	struct body_err e;
@@ -104,6 +124,7 @@ static void bodies(json_t *o)
 	body_config_parse(o, &s, &cfg, &e);
 	if (body_key_parse(o, &perms, &s, &e) == 0)
 		check(perms <= EZP_PERM_ALL);
+	faults_roundtrip(o);
 	if (json_object_get(o, "perms")) {
 		int64_t v = api_perms_parse(json_object_get(o, "perms"), bad, sizeof(bad));
 		if (v >= 0) {
