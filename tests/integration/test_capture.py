@@ -520,8 +520,12 @@ class FileTests(CaptureCase):
         base = ('Workers: 2\nPipelines:\n  - Name: k\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
                 '%s    To: {tcp: {Connect: "127.0.0.1:%d"}}\n')
         with_cap = '    Through: [{capture: {File: %s, RotateBytes: %%d}}]\n' % yq(cap)
-        d = self.daemon(base % (with_cap % 0, echo.port))
+        d = self.daemon(base % ('', echo.port))
         s = socket.create_connection(('127.0.0.1', d.port('k')))
+        self.roundtrips(s, [b'zero'])  # on the zero-copy path: no filter, no tap
+        # the stage added live: the running session is captured from its next packet
+        ok, line = d.reload(base % (with_cap % 0, echo.port))
+        self.assertTrue(ok, line)
         self.roundtrips(s, [b'one'])
         # a changed parameter: the same writer goes on with the same file
         ok, line = d.reload(base % (with_cap % 1000000, echo.port))
@@ -529,6 +533,7 @@ class FileTests(CaptureCase):
         self.roundtrips(s, [b'two'])
         fr = wait_file(cap, lambda fr: len(data_frames(fr)) == 4)
         self.assertEqual([f['payload'] for f in data_frames(fr, 'to_server')], [b'one', b'two'])
+        self.assertRegex(fr[0]['comment'], r'seen mid-session: synthesised handshake$')
         # the stage removed: the file is finished (a statistics block at its end)
         ok, line = d.reload(base % ('', echo.port))
         self.assertTrue(ok, line)
@@ -817,6 +822,33 @@ class LiveTests(CaptureCase):
         r.close()
         d.wait_line(r'pcapng block\(s\) \(\d+ bytes\) dropped because the client read too '
                     r'slowly', since=mark, timeout=20)
+
+    def test_pipeline_made_and_deleted_through_the_api(self):
+        echo = self.echo()
+        cap = self.path('api/p.pcapng')
+        d = self.api_daemon('Pipelines: []\n')
+        body = {'name': 'p', 'from': {'tcp': {'listen': '127.0.0.1:0'}},
+                'through': [{'capture': {'file': cap, 'rotate_bytes': 0}}],
+                'to': {'tcp': {'connect': '127.0.0.1:%d' % echo.port}}}
+        st, js, raw, _ = d.post('/api/3/pipelines', body)
+        self.assertEqual(st, 201, raw)
+        self.assertEqual(js['config']['through'][0]['capture']['file'], cap)
+        port = int(d.get('/api/3/pipelines/p')[1]['listen_address'].rsplit(':', 1)[1])
+        s = socket.create_connection(('127.0.0.1', port))
+        self.roundtrips(s, [b'made by the API'])
+        s.close()
+        wait_file(cap, lambda fr: sum('closed' in f['comment'] for f in fr) == 3)
+        st, _, raw, _ = d.request('DELETE', '/api/3/pipelines/p')
+        self.assertEqual(st, 204, raw)
+        dl = Deadline(10)
+        while True:  # the writer finishes the file: a statistics block at its end
+            with open(cap, 'rb') as f:
+                blks = blocks(f.read())[0]
+            if blks[-1][0] == ISB or dl.expired():
+                break
+            dl.sleep(0.05)
+        self.assertEqual(blks[-1][0], ISB)
+        self.assertEqual(follow(cap), (b'made by the API', b'made by the API'))
 
     def test_not_available_without_the_plugin(self):
         # a copy of the binary whose plugins folder has every plugin but capture
