@@ -29,7 +29,7 @@
 
 #include "capture.h"
 
-#define CW_MAX_EVENTS 65536u	    /* queued records before dropping */
+#define CW_MAX_EVENTS 16384u	    /* queued records before dropping */
 #define CW_MAX_BYTES (64u << 20)    /* queued payload bytes before dropping */
 #define CW_WAKE_BYTES (1u << 20)    /* wake the thread early past this */
 #define CW_WRITE_BYTES (256u << 10) /* write when the buffer grows past this */

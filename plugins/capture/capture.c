@@ -404,6 +404,12 @@ static int cap_stream_open(void *capture, const char *pipeline, uint64_t session
 		st_fail(err, rc, "capture: cannot subscribe a tap");
 		goto fail;
 	}
+	/* a session that closed before the tap reached its worker would never end the stream */
+	if (session_id && svc->ctl->session_get(svc->core->ctx, session_id, &sum) != EZP_OK) {
+		rc = st_fail(err, EZP_ERR_NOT_FOUND, "no session %llu (it has just closed)",
+			     (unsigned long long)session_id);
+		goto fail;
+	}
 	svc->core->timer_start(st->keepalive, CAP_KEEPALIVE_MS, 1);
 	st->next = svc->streams;
 	svc->streams = st;
