@@ -28,7 +28,7 @@
 
 struct enc_flow {
 	struct enc_flow *next;
-	struct pcn_ep c, s;      /* client, server */
+	struct pcn_ep c, s;	 /* client, server */
 	uint32_t next_c, next_s; /* next sequence number client->server, server->client */
 	uint16_t ip_id;
 };
@@ -46,11 +46,11 @@ struct cap_enc {
 	cap_transport_fn transport_fn;
 	void *transport_ud;
 	char *if_desc;
-	struct pcn_buf blk;       /* the block being made */
+	struct pcn_buf blk; /* the block being made */
 	struct enc_sess **buckets;
 	size_t n_buckets, n_sess;
 	uint64_t received, lost;
-	char *comment;            /* scratch */
+	char *comment; /* scratch */
 	size_t comment_cap;
 };
 
@@ -243,14 +243,14 @@ static void frame_out(struct cap_enc *e, struct enc_sess *s, struct enc_flow *f,
 {
 	uint8_t hdr[PCN_MAX_HDR];
 	struct pcn_frame fr = {
-		.proto = s->transport == CAP_T_UDP ? PCN_PROTO_UDP : PCN_PROTO_TCP,
-		.src = from_client ? &f->c : &f->s,
-		.dst = from_client ? &f->s : &f->c,
-		.src_is_client = from_client,
-		.seq = seq,
-		.ack = ack,
-		.tcp_flags = flags,
-		.ip_id = f->ip_id++,
+	    .proto = s->transport == CAP_T_UDP ? PCN_PROTO_UDP : PCN_PROTO_TCP,
+	    .src = from_client ? &f->c : &f->s,
+	    .dst = from_client ? &f->s : &f->c,
+	    .src_is_client = from_client,
+	    .seq = seq,
+	    .ack = ack,
+	    .tcp_flags = flags,
+	    .ip_id = f->ip_id++,
 	};
 	size_t hl = pcn_frame(hdr, &fr, data, len);
 
@@ -336,11 +336,13 @@ static const char *packet_comment(struct cap_enc *e, const struct cap_ev *ev)
 	if (!c)
 		return NULL;
 	n = (size_t)snprintf(c, 200, "session %llu %s%s%s", (unsigned long long)ev->session_id,
-			     cap_dir_name(ev->dir), ev->flags & EZP_PKT_INJECTED ? "; injected" : "",
+			     cap_dir_name(ev->dir),
+			     ev->flags & EZP_PKT_INJECTED ? "; injected" : "",
 			     ev->flags & EZP_PKT_DROPPED ? "; dropped" : "");
 	if (ev->orig) {
-		n += (size_t)snprintf(c + n, 120, "; replaced; original (%zu bytes%s): ",
-				      ev->orig_len, shown < ev->orig_len ? ", the first shown" : "");
+		n += (size_t)snprintf(c + n, 120,
+				      "; replaced; original (%zu bytes%s): ", ev->orig_len,
+				      shown < ev->orig_len ? ", the first shown" : "");
 		for (size_t i = 0; i < shown; i++) {
 			c[n++] = hex[ev->orig[i] >> 4];
 			c[n++] = hex[ev->orig[i] & 15];
@@ -366,9 +368,9 @@ static void on_packet(struct cap_enc *e, const struct cap_ev *ev)
 
 	e->received++;
 	if (!s) {
-		int t = e->transport_fn ? e->transport_fn(e->transport_ud, ev->pipeline,
-							   ev->session_id)
-					: CAP_T_UNKNOWN;
+		int t = e->transport_fn
+			    ? e->transport_fn(e->transport_ud, ev->pipeline, ev->session_id)
+			    : CAP_T_UNKNOWN;
 		s = sess_add(e, ev->session_id, t);
 		if (!s)
 			return;
@@ -403,8 +405,8 @@ static void on_packet(struct cap_enc *e, const struct cap_ev *ev)
 			}
 		}
 		frame_out(e, s, f, to_server, seq, ack,
-			  len ? PCN_TCP_PSH | PCN_TCP_ACK : PCN_TCP_ACK, ev->data ? ev->data + off : NULL,
-			  len, ev->ts_us, comment);
+			  len ? PCN_TCP_PSH | PCN_TCP_ACK : PCN_TCP_ACK,
+			  ev->data ? ev->data + off : NULL, len, ev->ts_us, comment);
 		if (!dropped && s->transport == CAP_T_TCP)
 			*next += (uint32_t)len;
 		off += len;
@@ -414,15 +416,24 @@ static void on_packet(struct cap_enc *e, const struct cap_ev *ev)
 static const char *close_reason_text(int reason)
 {
 	switch (reason) {
-	case EZP_CLOSE_CLIENT: return "the client closed";
-	case EZP_CLOSE_SERVER: return "the server closed";
-	case EZP_CLOSE_IDLE: return "idle timeout";
-	case EZP_CLOSE_API: return "closed by the API, a script or the embedder";
-	case EZP_CLOSE_ERROR: return "error";
-	case EZP_CLOSE_CONNECT_FAILED: return "the server could not be reached";
-	case EZP_CLOSE_SHUTDOWN: return "the daemon or pipeline stopped";
-	case EZP_CLOSE_LIMIT: return "a limit was hit";
-	default: return "ended";
+	case EZP_CLOSE_CLIENT:
+		return "the client closed";
+	case EZP_CLOSE_SERVER:
+		return "the server closed";
+	case EZP_CLOSE_IDLE:
+		return "idle timeout";
+	case EZP_CLOSE_API:
+		return "closed by the API, a script or the embedder";
+	case EZP_CLOSE_ERROR:
+		return "error";
+	case EZP_CLOSE_CONNECT_FAILED:
+		return "the server could not be reached";
+	case EZP_CLOSE_SHUTDOWN:
+		return "the daemon or pipeline stopped";
+	case EZP_CLOSE_LIMIT:
+		return "a limit was hit";
+	default:
+		return "ended";
 	}
 }
 
@@ -434,8 +445,7 @@ static void on_closed(struct cap_enc *e, const struct cap_ev *ev)
 	if (!s)
 		return;
 	snprintf(c, sizeof(c), "session %llu closed: %s%s%s", (unsigned long long)s->id,
-		 close_reason_text(ev->close_reason),
-		 ev->close_text && *ev->close_text ? ": " : "",
+		 close_reason_text(ev->close_reason), ev->close_text && *ev->close_text ? ": " : "",
 		 ev->close_text ? ev->close_text : "");
 	for (struct enc_flow *f = s->flows; s->transport == CAP_T_TCP && f; f = f->next) {
 		int server_first = ev->close_reason == EZP_CLOSE_SERVER;
@@ -445,23 +455,23 @@ static void on_closed(struct cap_enc *e, const struct cap_ev *ev)
 			continue;
 		}
 		if (server_first) {
-			frame_out(e, s, f, 0, f->next_s, f->next_c, PCN_TCP_FIN | PCN_TCP_ACK,
-				  NULL, 0, ev->ts_us, c);
+			frame_out(e, s, f, 0, f->next_s, f->next_c, PCN_TCP_FIN | PCN_TCP_ACK, NULL,
+				  0, ev->ts_us, c);
 			f->next_s++;
-			frame_out(e, s, f, 1, f->next_c, f->next_s, PCN_TCP_FIN | PCN_TCP_ACK,
-				  NULL, 0, ev->ts_us, c);
+			frame_out(e, s, f, 1, f->next_c, f->next_s, PCN_TCP_FIN | PCN_TCP_ACK, NULL,
+				  0, ev->ts_us, c);
 			f->next_c++;
-			frame_out(e, s, f, 0, f->next_s, f->next_c, PCN_TCP_ACK, NULL, 0,
-				  ev->ts_us, c);
+			frame_out(e, s, f, 0, f->next_s, f->next_c, PCN_TCP_ACK, NULL, 0, ev->ts_us,
+				  c);
 		} else {
-			frame_out(e, s, f, 1, f->next_c, f->next_s, PCN_TCP_FIN | PCN_TCP_ACK,
-				  NULL, 0, ev->ts_us, c);
+			frame_out(e, s, f, 1, f->next_c, f->next_s, PCN_TCP_FIN | PCN_TCP_ACK, NULL,
+				  0, ev->ts_us, c);
 			f->next_c++;
-			frame_out(e, s, f, 0, f->next_s, f->next_c, PCN_TCP_FIN | PCN_TCP_ACK,
-				  NULL, 0, ev->ts_us, c);
+			frame_out(e, s, f, 0, f->next_s, f->next_c, PCN_TCP_FIN | PCN_TCP_ACK, NULL,
+				  0, ev->ts_us, c);
 			f->next_s++;
-			frame_out(e, s, f, 1, f->next_c, f->next_s, PCN_TCP_ACK, NULL, 0,
-				  ev->ts_us, c);
+			frame_out(e, s, f, 1, f->next_c, f->next_s, PCN_TCP_ACK, NULL, 0, ev->ts_us,
+				  c);
 		}
 	}
 	sess_del(e, s);

@@ -29,11 +29,11 @@
 
 #include "capture.h"
 
-#define CW_MAX_EVENTS 65536u        /* queued records before dropping */
+#define CW_MAX_EVENTS 16384u	    /* queued records before dropping */
 #define CW_MAX_BYTES (64u << 20)    /* queued payload bytes before dropping */
 #define CW_WAKE_BYTES (1u << 20)    /* wake the thread early past this */
 #define CW_WRITE_BYTES (256u << 10) /* write when the buffer grows past this */
-#define CW_FLUSH_MS 500             /* and at least this often */
+#define CW_FLUSH_MS 500		    /* and at least this often */
 #define CW_LOG_EVERY_US 10000000ull /* loss warnings at most every 10 s */
 
 struct cw_rec {
@@ -53,13 +53,13 @@ struct cw_rec {
 
 struct cap_writer {
 	struct cap_writer *next; /* registry (reg_lock) */
-	int refs;                /* reg_lock */
-	bool closing;            /* reg_lock: the last reference went; the thread is finishing */
+	int refs;		 /* reg_lock */
+	bool closing;		 /* reg_lock: the last reference went; the thread is finishing */
 	const struct ezp_core *core;
 	struct ezp_core_ctx *ctx;
 	char *pipeline, *file;
 	atomic_int_fast64_t rotate_bytes, rotate_files;
-	atomic_int hint;         /* the pipeline's transport, as instances saw it */
+	atomic_int hint; /* the pipeline's transport, as instances saw it */
 	struct ezp_tap *tap;
 	pthread_t thread;
 	/* the queue (lock) */
@@ -153,8 +153,9 @@ static void cw_rotate(struct cap_writer *w, uint64_t ts_us)
 		}
 		rotated_name(w->file, 1, to, sizeof(to));
 		if (rename(w->file, to) != 0)
-			w->core->log(EZP_LOG_WARN, CAP_SRC, "pipeline '%s': cannot rename %s to %s: %s",
-				     w->pipeline, w->file, to, strerror(errno));
+			w->core->log(EZP_LOG_WARN, CAP_SRC,
+				     "pipeline '%s': cannot rename %s to %s: %s", w->pipeline,
+				     w->file, to, strerror(errno));
 	}
 	w->fd = cw_open(w->file);
 	if (w->fd < 0)
@@ -186,20 +187,20 @@ static void cw_note_lost(struct cap_writer *w, uint64_t n)
 static void cw_encode(struct cap_writer *w, struct cw_rec *r)
 {
 	struct cap_ev ev = {
-		.type = r->type,
-		.session_id = r->session_id,
-		.pipeline = w->pipeline,
-		.ts_us = r->ts_us,
-		.dir = r->dir,
-		.flags = r->flags,
-		.src = r->src,
-		.dst = r->dst,
-		.transport = r->transport,
-		.client = r->client,
-		.server = r->server,
-		.opened_us = r->opened_us,
-		.close_reason = r->close_reason,
-		.close_text = r->close_text,
+	    .type = r->type,
+	    .session_id = r->session_id,
+	    .pipeline = w->pipeline,
+	    .ts_us = r->ts_us,
+	    .dir = r->dir,
+	    .flags = r->flags,
+	    .src = r->src,
+	    .dst = r->dst,
+	    .transport = r->transport,
+	    .client = r->client,
+	    .server = r->server,
+	    .opened_us = r->opened_us,
+	    .close_reason = r->close_reason,
+	    .close_text = r->close_text,
 	};
 	int64_t rb = atomic_load(&w->rotate_bytes);
 
@@ -349,8 +350,8 @@ static void cw_on_event(void *userdata, const struct ezp_tap_event *ev)
 	if (ev->type == EZP_TAP_PACKET) {
 		const struct ezp_packet *p = ev->pkt ? ev->pkt : ev->original;
 		r->pkt = ev->pkt ? w->core->packet_ref((struct ezp_packet *)ev->pkt) : NULL;
-		r->orig = ev->original ? w->core->packet_ref((struct ezp_packet *)ev->original)
-				       : NULL;
+		r->orig =
+		    ev->original ? w->core->packet_ref((struct ezp_packet *)ev->original) : NULL;
 		r->dir = p ? p->dir : EZP_DIR_TO_SERVER;
 		r->ts_us = p && p->ts_us ? p->ts_us : w->core->now_us();
 	} else {
@@ -398,7 +399,7 @@ static int cw_transport(void *ud, const char *pipeline, uint64_t session_id)
 /* ---- the registry ---- */
 
 static int cw_fail(struct ezp_error *err, int code, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 static int cw_fail(struct ezp_error *err, int code, const char *fmt, ...)
 {
 	va_list ap;
@@ -502,17 +503,19 @@ static int cw_start(struct cap_writer *w, struct ezp_error *err)
 static void cw_subscribe(struct cap_writer *w)
 {
 	struct ezp_tap_opts o = {
-		.struct_size = sizeof(o),
-		.pipeline = w->pipeline,
-		.userdata = w,
-		.on_event = cw_on_event,
-		.on_lagged = cw_on_lagged,
+	    .struct_size = sizeof(o),
+	    .pipeline = w->pipeline,
+	    .userdata = w,
+	    .on_event = cw_on_event,
+	    .on_lagged = cw_on_lagged,
 	};
 
 	if (w->core->tap_subscribe(w->ctx, &o, &w->tap) != EZP_OK) {
 		w->tap = NULL;
-		w->core->log(EZP_LOG_ERROR, CAP_SRC, "pipeline '%s': cannot subscribe a tap; %s "
-			     "stays empty", w->pipeline, w->file);
+		w->core->log(EZP_LOG_ERROR, CAP_SRC,
+			     "pipeline '%s': cannot subscribe a tap; %s "
+			     "stays empty",
+			     w->pipeline, w->file);
 	}
 }
 

@@ -30,14 +30,14 @@
 /* ---- the filter kind ---- */
 
 static const struct ezp_param cap_params[] = {
-	{"File", EZP_PARAM_STRING, offsetof(struct cap_conf, file), NULL, 1, 0, 0,
-	 "the pcapng file (relative: to the daemon's working directory; missing folders are "
-	 "made); truncated when the capture starts"},
-	{"RotateBytes", EZP_PARAM_INT, offsetof(struct cap_conf, rotate_bytes), "0", 0, 0,
-	 INT64_MAX, "start a new file when this one reaches this size (0: never); at least 4096"},
-	{"RotateFiles", EZP_PARAM_INT, offsetof(struct cap_conf, rotate_files), "10", 0, 0, 100000,
-	 "rotated files kept beside File (File.1 is the newest); 0: only the current one"},
-	EZP_PARAM_END,
+    {"File", EZP_PARAM_STRING, offsetof(struct cap_conf, file), NULL, 1, 0, 0,
+     "the pcapng file (relative: to the daemon's working directory; missing folders are "
+     "made); truncated when the capture starts"},
+    {"RotateBytes", EZP_PARAM_INT, offsetof(struct cap_conf, rotate_bytes), "0", 0, 0, INT64_MAX,
+     "start a new file when this one reaches this size (0: never); at least 4096"},
+    {"RotateFiles", EZP_PARAM_INT, offsetof(struct cap_conf, rotate_files), "10", 0, 0, 100000,
+     "rotated files kept beside File (File.1 is the newest); 0: only the current one"},
+    EZP_PARAM_END,
 };
 
 struct cap_inst {
@@ -46,7 +46,7 @@ struct cap_inst {
 };
 
 static int cap_config_error(struct ezp_error *err, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
+    __attribute__((format(printf, 2, 3)));
 static int cap_config_error(struct ezp_error *err, const char *fmt, ...)
 {
 	va_list ap;
@@ -68,8 +68,10 @@ static int cap_create(const struct ezp_filter_ctx *ctx, const void *config, void
 	if (!conf->file || !*conf->file)
 		return cap_config_error(err, "capture: File must name a file");
 	if (conf->rotate_bytes > 0 && conf->rotate_bytes < 4096)
-		return cap_config_error(err, "capture: RotateBytes must be 0 (no rotation) or at "
-					"least 4096, not %lld", (long long)conf->rotate_bytes);
+		return cap_config_error(err,
+					"capture: RotateBytes must be 0 (no rotation) or at "
+					"least 4096, not %lld",
+					(long long)conf->rotate_bytes);
 	in = calloc(1, sizeof(*in));
 	if (!in) {
 		snprintf(err->message, sizeof(err->message), "capture: out of memory");
@@ -120,17 +122,17 @@ static void cap_destroy(void *instance)
 }
 
 static const struct ezp_filter_kind cap_filter_kind = {
-	.struct_size = sizeof(struct ezp_filter_kind),
-	.name = "capture",
-	.description = "writes the pipeline's packets, with their verdicts, to a pcapng file "
-		       "(synthesised Ethernet/IP/TCP|UDP headers; Wireshark reads it)",
-	.flags = EZP_FILTER_DORMANT | EZP_FILTER_READ_ONLY,
-	.params = cap_params,
-	.config_size = sizeof(struct cap_conf),
-	.create = cap_create,
-	.packet = cap_packet,
-	.session_event = cap_session_event,
-	.destroy = cap_destroy,
+    .struct_size = sizeof(struct ezp_filter_kind),
+    .name = "capture",
+    .description = "writes the pipeline's packets, with their verdicts, to a pcapng file "
+		   "(synthesised Ethernet/IP/TCP|UDP headers; Wireshark reads it)",
+    .flags = EZP_FILTER_DORMANT | EZP_FILTER_READ_ONLY,
+    .params = cap_params,
+    .config_size = sizeof(struct cap_conf),
+    .create = cap_create,
+    .packet = cap_packet,
+    .session_event = cap_session_event,
+    .destroy = cap_destroy,
 };
 
 /* ---- the service: live streams ---- */
@@ -159,7 +161,7 @@ struct ezp_capture_stream {
 	void *ud;
 	char *pipeline;
 	uint64_t session_id;
-	bool ended;      /* write said stop, or the stream ended by itself */
+	bool ended; /* write said stop, or the stream ended by itself */
 	uint64_t last_write_us;
 	struct cap_tcache *tcache;
 };
@@ -210,7 +212,8 @@ static void st_ended(struct ezp_capture_stream *st, bool tell)
 		st->write(st->ud, NULL, 0);
 	st->ended = true;
 	if (st->svc->core->defer(st->svc->w, st_end_deferred, st) != EZP_OK)
-		st->svc->core->log(EZP_LOG_WARN, CAP_SRC, "a live capture stream could not be "
+		st->svc->core->log(EZP_LOG_WARN, CAP_SRC,
+				   "a live capture stream could not be "
 				   "released: the service loop is stopping");
 }
 
@@ -309,7 +312,7 @@ static void st_keepalive(void *arg)
 }
 
 static int st_fail(struct ezp_error *err, int code, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 static int st_fail(struct ezp_error *err, int code, const char *fmt, ...)
 {
 	va_list ap;
@@ -360,7 +363,8 @@ static int cap_stream_open(void *capture, const char *pipeline, uint64_t session
 	st->session_id = session_id;
 	st->pipeline = pipeline ? strdup(pipeline) : NULL;
 	if (session_id)
-		snprintf(desc, sizeof(desc), "EzProxy live capture of session %llu (pipeline '%.72s')",
+		snprintf(desc, sizeof(desc),
+			 "EzProxy live capture of session %llu (pipeline '%.72s')",
 			 (unsigned long long)session_id, sum.pipeline);
 	else if (pipeline)
 		snprintf(desc, sizeof(desc), "EzProxy live capture of pipeline '%.100s'", pipeline);
@@ -398,6 +402,12 @@ static int cap_stream_open(void *capture, const char *pipeline, uint64_t session
 	if (rc != EZP_OK) {
 		st->tap = NULL;
 		st_fail(err, rc, "capture: cannot subscribe a tap");
+		goto fail;
+	}
+	/* a session that closed before the tap reached its worker would never end the stream */
+	if (session_id && svc->ctl->session_get(svc->core->ctx, session_id, &sum) != EZP_OK) {
+		rc = st_fail(err, EZP_ERR_NOT_FOUND, "no session %llu (it has just closed)",
+			     (unsigned long long)session_id);
 		goto fail;
 	}
 	svc->core->timer_start(st->keepalive, CAP_KEEPALIVE_MS, 1);
@@ -473,8 +483,8 @@ static int cap_svc_start(const struct ezp_core *core, const void *config, void *
 			 struct ezp_error *err)
 {
 	struct cap_svc *svc;
-	const struct ezp_control *ctl = core->find_service(core->ctx, EZP_CONTROL_IFACE,
-							   EZP_CONTROL_VERSION);
+	const struct ezp_control *ctl =
+	    core->find_service(core->ctx, EZP_CONTROL_IFACE, EZP_CONTROL_VERSION);
 
 	(void)config;
 	if (!ctl || !ctl->service_worker(core->ctx))
@@ -510,18 +520,18 @@ static const void *cap_svc_iface(void *state)
 }
 
 const struct ezp_service_kind cap_service_kind = {
-	.struct_size = sizeof(struct ezp_service_kind),
-	.name = "capture",
-	.description = "live pcapng streams of pipelines and sessions (ezp.capture; "
-		       "GET /api/3/capture)",
-	.params = NULL,
-	.config_size = 0,
-	.start = cap_svc_start,
-	.stop = cap_svc_stop,
-	.iface_name = EZP_CAPTURE_IFACE,
-	.iface_version = EZP_CAPTURE_VERSION,
-	.iface = cap_svc_iface,
-	.flags = EZP_SERVICE_AUTOSTART,
+    .struct_size = sizeof(struct ezp_service_kind),
+    .name = "capture",
+    .description = "live pcapng streams of pipelines and sessions (ezp.capture; "
+		   "GET /api/3/capture)",
+    .params = NULL,
+    .config_size = 0,
+    .start = cap_svc_start,
+    .stop = cap_svc_stop,
+    .iface_name = EZP_CAPTURE_IFACE,
+    .iface_version = EZP_CAPTURE_VERSION,
+    .iface = cap_svc_iface,
+    .flags = EZP_SERVICE_AUTOSTART,
 };
 
 /* ---- the plugin ---- */

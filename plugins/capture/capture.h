@@ -37,24 +37,24 @@ enum cap_transport { CAP_T_UNKNOWN = 0, CAP_T_TCP = 1, CAP_T_UDP = 2 };
 
 /* One tap event as the encoder reads it (borrowed for the call). */
 struct cap_ev {
-	int type;                 /* enum ezp_tap_event_type */
+	int type; /* enum ezp_tap_event_type */
 	uint64_t session_id;
-	const char *pipeline;     /* may be NULL */
+	const char *pipeline; /* may be NULL */
 	uint64_t ts_us;
 	/* EZP_TAP_PACKET */
-	int dir;                  /* enum ezp_direction */
-	uint32_t flags;           /* enum ezp_packet_flags */
-	const uint8_t *data;      /* the bytes delivered (or dropped) */
+	int dir;	     /* enum ezp_direction */
+	uint32_t flags;	     /* enum ezp_packet_flags */
+	const uint8_t *data; /* the bytes delivered (or dropped) */
 	size_t len;
-	const uint8_t *orig;      /* replaced: the bytes before; else NULL */
+	const uint8_t *orig; /* replaced: the bytes before; else NULL */
 	size_t orig_len;
 	struct ezp_addr src, dst;
 	/* session events */
-	int transport;            /* enum cap_transport */
+	int transport; /* enum cap_transport */
 	struct ezp_addr client, server;
 	uint64_t opened_us;
-	int close_reason;         /* enum ezp_close_reason */
-	const char *close_text;   /* may be NULL */
+	int close_reason;	/* enum ezp_close_reason */
+	const char *close_text; /* may be NULL */
 };
 
 /* Where the encoder's blocks go, one whole block per call. */

@@ -146,8 +146,8 @@ void pcn_shb(struct pcn_buf *b, const char *userappl)
 	put32(b, 0x1A2B3C4Du);
 	put16(b, 1);
 	put16(b, 0);
-	put64(b, UINT64_MAX); /* section length not known: we stream */
-	opt_str(b, 4, userappl);          /* shb_userappl */
+	put64(b, UINT64_MAX);	 /* section length not known: we stream */
+	opt_str(b, 4, userappl); /* shb_userappl */
 	opt_end(b);
 	block_end(b, at);
 }
@@ -159,10 +159,10 @@ void pcn_idb(struct pcn_buf *b, uint16_t linktype, const char *name, const char 
 
 	put16(b, linktype);
 	put16(b, 0);
-	put32(b, 0); /* snaplen: no limit */
-	opt_str(b, 2, name);        /* if_name */
+	put32(b, 0);		    /* snaplen: no limit */
+	opt_str(b, 2, name);	    /* if_name */
 	opt_str(b, 3, description); /* if_description */
-	opt(b, 9, &tsresol, 1);     /* if_tsresol: microseconds */
+	opt(b, 9, &tsresol, 1);	    /* if_tsresol: microseconds */
 	opt_end(b);
 	block_end(b, at);
 }
@@ -200,7 +200,7 @@ void pcn_isb(struct pcn_buf *b, uint64_t ts_us, uint64_t received, uint64_t drop
 	put32(b, (uint32_t)ts_us);
 	opt_str(b, PCN_OPT_COMMENT, comment);
 	opt_u64(b, 4, received); /* isb_ifrecv */
-	opt_u64(b, 5, dropped);  /* isb_ifdrop */
+	opt_u64(b, 5, dropped);	 /* isb_ifdrop */
 	opt_end(b);
 	block_end(b, at);
 }
@@ -236,8 +236,8 @@ static void ep_to_v6(struct pcn_ep *e)
 	e->v6 = 1;
 }
 
-void pcn_eps(const struct sockaddr_storage *a, const struct sockaddr_storage *b,
-	     struct pcn_ep *ea, struct pcn_ep *eb)
+void pcn_eps(const struct sockaddr_storage *a, const struct sockaddr_storage *b, struct pcn_ep *ea,
+	     struct pcn_ep *eb)
 {
 	ep_of(a, ea);
 	ep_of(b, eb);

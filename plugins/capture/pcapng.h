@@ -39,7 +39,8 @@ void pcn_buf_put(struct pcn_buf *b, const void *data, size_t n);
 
 /* Section Header Block: byte-order magic, version 1.0, unknown section length, shb_userappl. */
 void pcn_shb(struct pcn_buf *b, const char *userappl);
-/* Interface Description Block: @linktype, snaplen 0 (none), if_name, if_description, if_tsresol 6. */
+/* Interface Description Block: @linktype, snaplen 0 (none), if_name, if_description, if_tsresol 6.
+ */
 void pcn_idb(struct pcn_buf *b, uint16_t linktype, const char *name, const char *description);
 /*
  * Enhanced Packet Block on interface 0: the frame is @hdr followed by
@@ -56,7 +57,7 @@ void pcn_isb(struct pcn_buf *b, uint64_t ts_us, uint64_t received, uint64_t drop
 
 /* One end of a synthesised flow. */
 struct pcn_ep {
-	int v6;             /* 1: addr is 16 bytes of IPv6; 0: the first 4 are IPv4 */
+	int v6; /* 1: addr is 16 bytes of IPv6; 0: the first 4 are IPv4 */
 	uint8_t addr[16];
 	uint16_t port;
 };
@@ -66,8 +67,8 @@ struct pcn_ep {
  * is 0.0.0.0:0) as one family: both IPv4 when both are IPv4 or IPv4-mapped
  * IPv6, else both IPv6 (an IPv4 address becomes ::ffff:a.b.c.d).
  */
-void pcn_eps(const struct sockaddr_storage *a, const struct sockaddr_storage *b,
-	     struct pcn_ep *ea, struct pcn_ep *eb);
+void pcn_eps(const struct sockaddr_storage *a, const struct sockaddr_storage *b, struct pcn_ep *ea,
+	     struct pcn_ep *eb);
 
 #define PCN_PROTO_TCP 6
 #define PCN_PROTO_UDP 17
@@ -82,12 +83,12 @@ void pcn_eps(const struct sockaddr_storage *a, const struct sockaddr_storage *b,
 #define PCN_MAX_HDR 74
 
 struct pcn_frame {
-	int proto;          /* PCN_PROTO_TCP / _UDP */
+	int proto; /* PCN_PROTO_TCP / _UDP */
 	const struct pcn_ep *src, *dst;
-	int src_is_client;  /* MAC 02:00:00:00:00:01 for the client side, ...:02 for the server */
-	uint32_t seq, ack;  /* TCP */
+	int src_is_client; /* MAC 02:00:00:00:00:01 for the client side, ...:02 for the server */
+	uint32_t seq, ack; /* TCP */
 	uint8_t tcp_flags;
-	uint16_t ip_id;     /* IPv4 identification */
+	uint16_t ip_id; /* IPv4 identification */
 };
 
 /* Largest payload one frame carries for @proto and @v6 (IP total / payload length is 16 bits). */

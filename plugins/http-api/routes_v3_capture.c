@@ -22,7 +22,7 @@
 
 #define CAPH_SRC "http-api"
 #define CAPH_BUF_MAX (4u << 20) /* bytes waiting for a slow client before blocks are dropped */
-#define CAPH_BLOCK 65536        /* libmicrohttpd's read size */
+#define CAPH_BLOCK 65536	/* libmicrohttpd's read size */
 
 struct api_capture {
 	struct api_capture *next; /* api->captures */
@@ -30,10 +30,10 @@ struct api_capture {
 	struct MHD_Connection *conn;
 	struct ezp_capture_stream *st; /* NULL once the stream ended */
 	uint8_t *buf;
-	size_t off, len, cap;          /* bytes buf[off, off + len) wait to be sent */
+	size_t off, len, cap; /* bytes buf[off, off + len) wait to be sent */
 	bool suspended, ended;
 	uint64_t dropped_blocks, dropped_bytes, sent;
-	char what[120];                /* "pipeline 'x' session 3", for the log */
+	char what[120]; /* "pipeline 'x' session 3", for the log */
 };
 
 static void cap_resume(struct api_capture *c)
@@ -172,9 +172,9 @@ void api_v3_capture(struct api_req *r)
 		char *end;
 		unsigned long long v = strtoull(session, &end, 10);
 		if (*end || session[0] == '-' || session[0] == '+' || v == 0) {
-			api_error_field(r, MHD_HTTP_BAD_REQUEST, "bad_request", "session",
-					"session must be a session id (a positive integer), not '%s'",
-					session);
+			api_error_field(
+			    r, MHD_HTTP_BAD_REQUEST, "bad_request", "session",
+			    "session must be a session id (a positive integer), not '%s'", session);
 			return;
 		}
 		id = v;
@@ -196,12 +196,12 @@ void api_v3_capture(struct api_req *r)
 	if (rc != EZP_OK) {
 		c->st = NULL;
 		cap_free_unqueued(c);
-		api_error_from(r, &err, strstr(err.message, "pipeline") && !id ? "pipeline"
-										  : "session");
+		api_error_from(r, &err,
+			       strstr(err.message, "pipeline") && !id ? "pipeline" : "session");
 		return;
 	}
-	resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, CAPH_BLOCK, cap_read, c,
-						 cap_free);
+	resp =
+	    MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, CAPH_BLOCK, cap_read, c, cap_free);
 	if (!resp) {
 		cap_free_unqueued(c);
 		api_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");

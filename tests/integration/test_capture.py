@@ -229,8 +229,8 @@ class LiveStream:
                 with self.cond:
                     self.data += chunk
                     self.cond.notify_all()
-        except (OSError, ValueError, http.client.HTTPException):
-            pass
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            pass  # closed under the reader by close(): the end of the stream
         with self.cond:
             self.eof = True
             self.cond.notify_all()
@@ -300,8 +300,8 @@ class CaptureCase(LogOnFailure, unittest.TestCase):
     def path(self, name):
         return os.path.join(self.tmp, name)
 
-    def api_daemon(self, config, level='info', **kw):
-        d = ApiDaemon('Workers: 2\nLogging: {Level: %s}\n' % level + config, **kw)
+    def api_daemon(self, config, level='info', workers=2, **kw):
+        d = ApiDaemon('Workers: %d\nLogging: {Level: %s}\n' % (workers, level) + config, **kw)
         self._daemons = getattr(self, '_daemons', [])
         self._daemons.append(d)
         self.addCleanup(d.stop_and_check)
@@ -433,14 +433,18 @@ class FileTests(CaptureCase):
             '    To: {tcp: {Connect: "127.0.0.1:%d"}}\n'
             '  - Name: r2\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
             '    Through: [{capture: {File: %s, RotateBytes: 4096, RotateFiles: 2}}]\n'
+            '    To: {tcp: {Connect: "127.0.0.1:%d"}}\n'
+            '  - Name: r3\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
+            '    Through: [{capture: {File: %s, RotateBytes: 4096, RotateFiles: 0}}]\n'
             '    To: {tcp: {Connect: "127.0.0.1:%d"}}\n' % (yq(cap), echo.port, yq(cap2),
+                                                          echo.port, yq(self.path('r3/c.pcap')),
                                                           echo.port))
         msgs = [pattern(i, 300) for i in range(60)]
-        for name in ('r', 'r2'):
+        for name in ('r', 'r2', 'r3'):
             s = socket.create_connection(('127.0.0.1', d.port(name)))
             self.roundtrips(s, msgs)
             s.close()
-        d.wait_closes(2)
+        d.wait_closes(3)
         d.stop_and_check()  # the writers finish their files
         files = [cap] + [self.path('r/rot.%d.pcapng' % i) for i in range(1, 51)]
         files = [f for f in files if os.path.exists(f)]
@@ -463,6 +467,9 @@ class FileTests(CaptureCase):
         self.assertEqual(sorted(os.listdir(self.path('r2'))), ['rot', 'rot.1', 'rot.2'])
         for f in ('rot', 'rot.1', 'rot.2'):
             frames(self.path('r2/' + f))
+        # RotateFiles 0: only the current file, which starts over
+        self.assertEqual(os.listdir(self.path('r3')), ['c.pcap'])
+        self.assertLess(len(data_frames(frames(self.path('r3/c.pcap')))), 120)
 
     def test_config_errors(self):
         cases = [
@@ -479,6 +486,9 @@ class FileTests(CaptureCase):
         self.assertRunFails('Pipelines:\n  - Name: x\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
                             '    Through: [{capture: {RotateBytes: 0}}]\n'
                             '    To: {tcp: {Connect: "127.0.0.1:9"}}\n', 'File')
+        self.assertRunFails('Pipelines:\n  - Name: x\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
+                            '    Through: [{capture: {File: ""}}]\n'
+                            '    To: {tcp: {Connect: "127.0.0.1:9"}}\n', 'File must name a file')
         blocker = self.path('afile')
         open(blocker, 'w').close()
         self.assertRunFails('Pipelines:\n  - Name: x\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
@@ -510,8 +520,12 @@ class FileTests(CaptureCase):
         base = ('Workers: 2\nPipelines:\n  - Name: k\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
                 '%s    To: {tcp: {Connect: "127.0.0.1:%d"}}\n')
         with_cap = '    Through: [{capture: {File: %s, RotateBytes: %%d}}]\n' % yq(cap)
-        d = self.daemon(base % (with_cap % 0, echo.port))
+        d = self.daemon(base % ('', echo.port))
         s = socket.create_connection(('127.0.0.1', d.port('k')))
+        self.roundtrips(s, [b'zero'])  # on the zero-copy path: no filter, no tap
+        # the stage added live: the running session is captured from its next packet
+        ok, line = d.reload(base % (with_cap % 0, echo.port))
+        self.assertTrue(ok, line)
         self.roundtrips(s, [b'one'])
         # a changed parameter: the same writer goes on with the same file
         ok, line = d.reload(base % (with_cap % 1000000, echo.port))
@@ -519,6 +533,7 @@ class FileTests(CaptureCase):
         self.roundtrips(s, [b'two'])
         fr = wait_file(cap, lambda fr: len(data_frames(fr)) == 4)
         self.assertEqual([f['payload'] for f in data_frames(fr, 'to_server')], [b'one', b'two'])
+        self.assertRegex(fr[0]['comment'], r'seen mid-session: synthesised handshake$')
         # the stage removed: the file is finished (a statistics block at its end)
         ok, line = d.reload(base % ('', echo.port))
         self.assertTrue(ok, line)
@@ -559,6 +574,9 @@ class VerdictTests(CaptureCase):
                             '    Through: [{lua: {Script: %s}}, {capture: {File: %s}}]\n'
                             '    To: {tcp: {Connect: "127.0.0.1:%d"}}\n'
                             % (yq(script), yq(cap), echo.port))
+        ls = LiveStream(d, '?pipeline=v')
+        self.addCleanup(ls.close)
+        ls.wait(lambda b: len(b) >= 2)
         s = socket.create_connection(('127.0.0.1', d.port('v')))
         self.addCleanup(s.close)
         sid = d.wait_sessions(1, 'v')[0]['id']
@@ -596,6 +614,9 @@ class VerdictTests(CaptureCase):
         a, b = follow(cap)
         self.assertEqual(a, b'hello new!xend')
         self.assertEqual(b, b'hello new!xINJend')
+        # the live stream says the same
+        live = comments_of(ls.wait(lambda b: sum('closed' in c for c in comments_of(b)) == 3))
+        self.assertEqual(live, [f['comment'] for f in fr])
 
 
 class LiveTests(CaptureCase):
@@ -618,6 +639,13 @@ class LiveTests(CaptureCase):
         msgs = [b'live1', pattern(5, 100000), b'live2']
         self.roundtrips(s, msgs)
         sid = d.wait_sessions(1, 'live')[0]['id']
+        st, js, raw, _ = d.get('/api/3/capture?pipeline=other&session=%d' % sid)
+        self.assertEqual(st, 404, raw)
+        self.assertEqual(js['error']['code'], 'session_not_found')
+        # every pipeline, opened mid-session: the session's flow starts with a handshake
+        mid = LiveStream(d, '')
+        self.addCleanup(mid.close)
+        mid.wait(lambda b: len(b) >= 2)
         # a stream of this one session, through curl into tshark as a user would
         key = d.admin_key
         url = 'http://127.0.0.1:%d/api/3/capture?session=%d' % (d.api_port, sid)
@@ -638,6 +666,12 @@ class LiveTests(CaptureCase):
         self.assertIn('5\tsession %d to_server' % sid, lines)
         self.assertIn('5\tsession %d to_client' % sid, lines)
         self.assertEqual(sum('closed' in ln for ln in lines), 3, lines)
+        mid.wait(lambda b: sum('closed' in c for c in comments_of(b)) == 3)
+        self.assertRegex(comments_of(mid.wait(lambda b: True))[0],
+                         r'^session %d seen mid-session: synthesised handshake$' % sid)
+        path = self.path('mid.pcapng')
+        mid.save(path)
+        self.assertEqual(follow(path), (b'after', b'after'))
         # the pipeline's stream: everything, read back by tshark
         ls.wait(lambda b: sum('closed' in c for c in comments_of(b)) == 3)
         path = self.path('live.pcapng')
@@ -716,6 +750,105 @@ class LiveTests(CaptureCase):
                 st, js, raw, _ = d.get('/api/3/capture' + query)
                 self.assertEqual(st, status, raw)
                 self.assertEqual(js['error']['code'], code)
+
+    def test_lag_is_counted_and_said(self):
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(('127.0.0.1', 0))
+        self.addCleanup(sink.close)
+        cap = self.path('lag.pcapng')
+        d = self.api_daemon('Limits: {TapBuffer: 16}\n'
+                            'Pipelines:\n  - Name: u\n    From: {udp: {Listen: "127.0.0.1:0"}}\n'
+                            '    Through: [{capture: {File: %s}}]\n'
+                            '    To: {udp: {Connect: "127.0.0.1:%d"}}\n'
+                            % (yq(cap), sink.getsockname()[1]), workers=1)
+        ls = LiveStream(d, '?pipeline=u')
+        self.addCleanup(ls.close)
+        ls.wait(lambda b: len(b) >= 2)
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(c.close)
+        mark = d.mark()
+        # a burst far larger than the 16-event tap buffer: bounded (5000 datagrams)
+        for i in range(5000):
+            c.sendto(b'burst %d' % i, ('127.0.0.1', d.port('u')))
+        d.wait_line(r'capture\W.*packet\(s\) not written to .*: the capture fell behind',
+                    since=mark, timeout=15)
+        d.stop_and_check()
+        with open(cap, 'rb') as f:
+            blks = blocks(f.read())[0]
+        isbs = [isb_options(b) for t, b in blks if t == ISB]
+        self.assertTrue(any(b'lost here' in o.get(1, [b''])[0] for o in isbs), isbs)
+        final = isbs[-1]
+        received = struct.unpack('<Q', final[4][0])[0]
+        lost = struct.unpack('<Q', final[5][0])[0]
+        self.assertGreater(lost, 0)
+        self.assertEqual(received, len(data_frames(frames(cap))))
+        self.assertLessEqual(received + lost, 5000 + 2)
+        # the live stream stayed a valid capture whatever it lost
+        path = self.path('lag-live.pcapng')
+        ls.save(path)
+        frames(path)
+
+    def test_slow_reader_loses_whole_blocks(self):
+        echo = self.echo()
+        d = self.api_daemon('Pipelines:\n  - Name: s\n    From: {tcp: {Listen: "127.0.0.1:0"}}\n'
+                            '    To: {tcp: {Connect: "127.0.0.1:%d"}}\n' % echo.port,
+                            level='debug')
+        # a client that asks for the stream and never reads
+        r = socket.create_connection(('127.0.0.1', d.api_port))
+        self.addCleanup(r.close)
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        r.sendall(('GET /api/3/capture?pipeline=s HTTP/1.1\r\nHost: x\r\n'
+                   'Authorization: Bearer %s\r\n\r\n' % d.admin_key).encode())
+        d.wait_line(r'live capture of pipeline .s. started', timeout=10)
+        s = socket.create_connection(('127.0.0.1', d.port('s')))
+        self.addCleanup(s.close)
+        total = 24 << 20
+        done = threading.Event()
+
+        def send():
+            for chunk in (pattern(1, 1 << 20) for _ in range(24)):
+                s.sendall(chunk)
+            done.set()
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        got, dl = 0, Deadline(60)
+        s.settimeout(5)
+        while got < total and not dl.expired():
+            got += len(s.recv(1 << 20))
+        t.join(10)
+        self.assertEqual(got, total)  # traffic never waited for the capture's reader
+        # the reader leaves: the stream ends and says what it dropped
+        mark = d.mark()
+        r.close()
+        d.wait_line(r'pcapng block\(s\) \(\d+ bytes\) dropped because the client read too '
+                    r'slowly', since=mark, timeout=20)
+
+    def test_pipeline_made_and_deleted_through_the_api(self):
+        echo = self.echo()
+        cap = self.path('api/p.pcapng')
+        d = self.api_daemon('Pipelines: []\n')
+        body = {'name': 'p', 'from': {'tcp': {'listen': '127.0.0.1:0'}},
+                'through': [{'capture': {'file': cap, 'rotate_bytes': 0}}],
+                'to': {'tcp': {'connect': '127.0.0.1:%d' % echo.port}}}
+        st, js, raw, _ = d.post('/api/3/pipelines', body)
+        self.assertEqual(st, 201, raw)
+        self.assertEqual(js['config']['through'][0]['capture']['file'], cap)
+        port = int(d.get('/api/3/pipelines/p')[1]['listen_address'].rsplit(':', 1)[1])
+        s = socket.create_connection(('127.0.0.1', port))
+        self.roundtrips(s, [b'made by the API'])
+        s.close()
+        wait_file(cap, lambda fr: sum('closed' in f['comment'] for f in fr) == 3)
+        st, _, raw, _ = d.request('DELETE', '/api/3/pipelines/p')
+        self.assertEqual(st, 204, raw)
+        dl = Deadline(10)
+        while True:  # the writer finishes the file: a statistics block at its end
+            with open(cap, 'rb') as f:
+                blks = blocks(f.read())[0]
+            if blks[-1][0] == ISB or dl.expired():
+                break
+            dl.sleep(0.05)
+        self.assertEqual(blks[-1][0], ISB)
+        self.assertEqual(follow(cap), (b'made by the API', b'made by the API'))
 
     def test_not_available_without_the_plugin(self):
         # a copy of the binary whose plugins folder has every plugin but capture

@@ -45,8 +45,7 @@ static void check_block(const uint8_t *b, size_t len)
 }
 
 /* The value of option @code in the options at @opt..@end, or NULL. */
-static const uint8_t *find_opt(const uint8_t *opt, const uint8_t *end, uint16_t code,
-			       uint16_t *len)
+static const uint8_t *find_opt(const uint8_t *opt, const uint8_t *end, uint16_t code, uint16_t *len)
 {
 	while (opt + 4 <= end) {
 		uint16_t c = rd16(opt), n = rd16(opt + 2);
@@ -180,8 +179,13 @@ static void test_frames(void **state)
 	uint8_t frame[PCN_MAX_HDR + 64];
 	const uint8_t pl[5] = "hello";
 	size_t hl;
-	struct pcn_frame f = {.proto = PCN_PROTO_TCP, .src = &ea, .dst = &eb, .src_is_client = 1,
-			      .seq = 1000, .ack = 77, .tcp_flags = PCN_TCP_PSH | PCN_TCP_ACK,
+	struct pcn_frame f = {.proto = PCN_PROTO_TCP,
+			      .src = &ea,
+			      .dst = &eb,
+			      .src_is_client = 1,
+			      .seq = 1000,
+			      .ack = 77,
+			      .tcp_flags = PCN_TCP_PSH | PCN_TCP_ACK,
 			      .ip_id = 9};
 
 	(void)state;
@@ -317,8 +321,7 @@ static struct cap_ev ev_session(int type, uint64_t id, int transport)
 	return ev;
 }
 
-static struct cap_ev ev_packet(uint64_t id, int dir, const void *data, size_t len,
-			       uint32_t flags)
+static struct cap_ev ev_packet(uint64_t id, int dir, const void *data, size_t len, uint32_t flags)
 {
 	struct cap_ev ev = ev_session(EZP_TAP_PACKET, id, 0);
 
@@ -461,10 +464,14 @@ static void test_encoder_udp_lost_and_closes(void **state)
 	struct sink s = {0};
 	struct cap_enc *e = cap_enc_new(sink_fn, &s, NULL);
 	struct cap_ev ev;
-	static const char *reasons[] = {"the client closed", "idle timeout",
-					"closed by the API, a script or the embedder", "error",
-					"the daemon or pipeline stopped", "a limit was hit", "ended"};
-	int codes[] = {EZP_CLOSE_CLIENT, EZP_CLOSE_IDLE, EZP_CLOSE_API, EZP_CLOSE_ERROR,
+	static const char *reasons[] = {"the client closed",
+					"idle timeout",
+					"closed by the API, a script or the embedder",
+					"error",
+					"the daemon or pipeline stopped",
+					"a limit was hit",
+					"ended"};
+	int codes[] = {EZP_CLOSE_CLIENT,   EZP_CLOSE_IDLE,  EZP_CLOSE_API, EZP_CLOSE_ERROR,
 		       EZP_CLOSE_SHUTDOWN, EZP_CLOSE_LIMIT, EZP_CLOSE_NONE};
 
 	(void)state;
@@ -540,11 +547,11 @@ static void test_encoder_udp_lost_and_closes(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_shb_idb_isb),
-		cmocka_unit_test(test_epb),
-		cmocka_unit_test(test_frames),
-		cmocka_unit_test(test_encoder_tcp),
-		cmocka_unit_test(test_encoder_udp_lost_and_closes),
+	    cmocka_unit_test(test_shb_idb_isb),
+	    cmocka_unit_test(test_epb),
+	    cmocka_unit_test(test_frames),
+	    cmocka_unit_test(test_encoder_tcp),
+	    cmocka_unit_test(test_encoder_udp_lost_and_closes),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
