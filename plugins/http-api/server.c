@@ -515,6 +515,17 @@ fail:
 	return rc;
 }
 
+/*
+ * Nothing: run after teardown, it returns once every call queued on the loop
+ * before it has run - an api_wake() queued just before teardown (a capture
+ * stream resumed in the same batch) still finds @s alive; after teardown
+ * nothing is queued (api->stopping).
+ */
+static void srv_barrier(struct srv *s)
+{
+	(void)s;
+}
+
 static void srv_stop(void *state)
 {
 	struct srv *s = state;
@@ -531,6 +542,8 @@ static void srv_stop(void *state)
 	pthread_mutex_unlock(&s->lock);
 	if (srv_on_loop(s, srv_teardown) != 0)
 		srv_teardown(s); /* the loop is gone: nothing else runs now */
+	else
+		srv_on_loop(s, srv_barrier);
 	srv_free(s);
 }
 
