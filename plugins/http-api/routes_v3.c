@@ -2,9 +2,9 @@
  * routes_v3.c - the v3 REST routes (DESIGN.md section 8): status, plugins,
  * pipelines and sessions, in snake_case JSON; the config routes are in
  * routes_v3_config.c, the key routes in routes_v3_keys.c. The request
- * bodies are parsed in bodies.c; the WebSocket is ws.c's. Routes whose
- * plugin is not there yet (capture) answer 501 `not_available`; the fault
- * routes are in routes_v3_faults.c.
+ * bodies are parsed in bodies.c; the WebSocket is ws.c's. The fault routes
+ * are in routes_v3_faults.c and the live capture in routes_v3_capture.c;
+ * each answers 501 `not_available` when its plugin is not loaded.
  *
  * Thread: the service loop, except the work given to api_run_blocking()
  * (server and client swaps), which runs on a thread of its own.
