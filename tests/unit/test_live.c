@@ -321,6 +321,18 @@ static int tcp_client(uint16_t port)
 	return tcp_client_from(NULL, port);
 }
 
+/* A TCP socket on 127.0.0.1, any port: listening with @backlog, or only bound for < 0. */
+static int loopback_stream(int backlog)
+{
+	struct sockaddr_in any = loopback("127.0.0.1", 0);
+	int fd = track_fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+
+	assert_int_equal(bind(fd, (struct sockaddr *)&any, sizeof(any)), 0);
+	if (backlog >= 0)
+		assert_int_equal(listen(fd, backlog), 0);
+	return fd;
+}
+
 /* A UDP socket on 127.0.0.1:0, connected to @port unless @port is 0. */
 static int udp_client(uint16_t port)
 {
@@ -1368,7 +1380,6 @@ static void test_swap_pipeline_to(void **state)
 static void test_swap_session_server(void **state)
 {
 	struct srv *a = srv_start(SRV_TCP_TAG, "A:"), *b = srv_start(SRV_TCP_TAG, "B:");
-	struct sockaddr_in any = loopback("127.0.0.1", 0);
 	struct ezp_session_summary s;
 	struct ezp_error err = {0};
 	char addr[64];
@@ -1382,8 +1393,7 @@ static void test_swap_session_server(void **state)
 	s = session_of(c, "p");
 
 	/* a port bound but not listening: connecting there is refused */
-	dead = track_fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-	assert_int_equal(bind(dead, (struct sockaddr *)&any, sizeof(any)), 0);
+	dead = loopback_stream(-1);
 	snprintf(addr, sizeof(addr), "127.0.0.1:%u", sock_port(dead));
 	rc = ezp_session_swap_server(T->d, s.id, addr, &err);
 	if (rc == EZP_OK)
@@ -1443,7 +1453,6 @@ static void test_swap_client_udp(void **state)
 static void test_dial_add_client(void **state)
 {
 	struct srv *echo = srv_start(SRV_TCP_ECHO, NULL);
-	struct sockaddr_in any = loopback("127.0.0.1", 0);
 	struct ezp_session_summary s, last;
 	struct ezp_error err = {0};
 	unsigned two = 2;
@@ -1458,9 +1467,7 @@ static void test_dial_add_client(void **state)
 	tcp_roundtrip(c, "hello", "hello", "round trip");
 	s = session_of(c, "p");
 
-	l = track_fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-	assert_int_equal(bind(l, (struct sockaddr *)&any, sizeof(any)), 0);
-	assert_int_equal(listen(l, 4), 0);
+	l = loopback_stream(4);
 	snprintf(addr, sizeof(addr), "127.0.0.1:%u", sock_port(l));
 	rc = ezp_session_swap_client(T->d, s.id, addr, 1, 1, 0, &err);
 	if (rc != EZP_OK)
@@ -1590,7 +1597,6 @@ static void *swap_jammed_main(void *arg)
 static void test_swap_interrupted_by_close(void **state)
 {
 	struct srv *a = srv_start(SRV_TCP_TAG, "A:");
-	struct sockaddr_in any = loopback("127.0.0.1", 0);
 	struct ezp_session_summary s;
 	struct swap_call sc = {0};
 	struct ezp_error err = {0};
@@ -1604,9 +1610,7 @@ static void test_swap_interrupted_by_close(void **state)
 	tcp_roundtrip(c, "1\n", "A:1\n", "before the swap");
 	s = session_of(c, "p");
 
-	jam = track_fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-	assert_int_equal(bind(jam, (struct sockaddr *)&any, sizeof(any)), 0);
-	assert_int_equal(listen(jam, 0), 0);
+	jam = loopback_stream(0);
 	tcp_client(sock_port(jam)); /* fills the accept queue: backlog 0 holds one */
 	snprintf(sc.addr, sizeof(sc.addr), "127.0.0.1:%u", sock_port(jam));
 	sync_init(&sc.mu, &sc.cv);
